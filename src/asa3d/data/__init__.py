@@ -1,0 +1,1 @@
+"""Data layer: readers + validation, datalists and presets, canonical preprocessing + cache, phantom."""

@@ -1,0 +1,1 @@
+"""Evaluation protocol: fine-tuning, linear probing, sweeps, metrics, statistics, plots, report."""

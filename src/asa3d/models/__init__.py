@@ -1,0 +1,1 @@
+"""Backbone wrapper (MONAI SwinUNETR with encoder taps), heads and EMA helpers."""
