@@ -1,0 +1,51 @@
+"""Mixed precision and determinism switches."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@contextlib.contextmanager
+def autocast(precision: str, device: torch.device) -> Iterator[None]:
+    """``torch.autocast`` on the training device for bf16/fp16; a no-op for fp32. Methods keep
+    teacher/EMA arithmetic in fp32 themselves (EMA runs after the step, outside autocast)."""
+    if precision == "fp32":
+        yield
+        return
+    with torch.autocast(device_type=device.type, dtype=DTYPES[precision]):
+        yield
+
+
+def make_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler:
+    """Loss scaling only where it is needed: fp16 on CUDA (bf16 has fp32's exponent range)."""
+    enabled = precision == "fp16" and device.type == "cuda"
+    if precision == "fp16" and device.type != "cuda":
+        log.warning("train.precision=fp16 on %s: running without a GradScaler; prefer bf16 on CPU.", device)
+    return torch.amp.GradScaler(device.type if enabled else "cpu", enabled=enabled)
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def set_deterministic(enabled: bool) -> None:
+    """Bitwise-reproducible kernels (same device, same thread count). Slower on GPU."""
+    if not enabled:
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=False)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
