@@ -32,4 +32,6 @@ def phantom_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from asa3d.data.phantom import write_phantom_dataset
 
     out = tmp_path_factory.mktemp("phantom")
-    return write_phantom_dataset(out, n=6, seed=0, shape=(64, 64, 48), spacing=(6.0, 6.0, 8.0), n_validation=2)
+    return write_phantom_dataset(
+        out, n=6, seed=0, shape=(64, 64, 48), spacing=(6.0, 6.0, 8.0), n_validation=2
+    )

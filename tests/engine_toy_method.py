@@ -77,6 +77,7 @@ class EngineToy(PretrainMethod):
             p.requires_grad_(False)
         self.calls = 0
         self.ema_calls: list[tuple[str, int, int]] = []
+        self.round_starts: list[tuple[int, int]] = []
 
     def train(self, mode: bool = True) -> EngineToy:
         super().train(mode)
@@ -116,6 +117,9 @@ class EngineToy(PretrainMethod):
         return StepOutput(loss=sum(terms.values()), terms=terms)  # type: ignore[arg-type]
 
     @torch.no_grad()
+    def on_round_start(self, round_index: int, total_rounds: int) -> None:
+        self.round_starts.append((round_index, total_rounds))
+
     def on_step_end(self, phase: str, global_iter: int, total_iters: int) -> dict[str, float]:
         self.ema_calls.append((phase, global_iter, total_iters))
         m0 = self.cfg.ema_momentum_start

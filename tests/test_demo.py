@@ -41,7 +41,9 @@ def test_demo_runs_every_stage_and_resumes(tmp_path: Path, capsys: pytest.Captur
     # 4-5: pretraining checkpoint and the teacher export with its sidecar
     assert (out / "pretrain" / "last.pt").is_file()
     state = load_file(str(out / "asa_teacher.safetensors"))
-    assert any(k.startswith("swinViT.layers3") for k in state) and not any(k.startswith("out.") for k in state)
+    assert any(k.startswith("swinViT.layers3") for k in state) and not any(
+        k.startswith("out.") for k in state
+    )
     meta = json.loads((out / "asa_teacher.safetensors.json").read_text())
     assert meta["method"] == "asa"
     # 6: both fine-tunes trained (loss down) and the ASA one really loaded the export

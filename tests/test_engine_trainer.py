@@ -93,6 +93,9 @@ def test_resume_mid_round_equals_uninterrupted(finished: Trainer, tmp_path: Path
     t2 = make(tmp_path, "train.ckpt_every_iters=3")
     t2.fit()
     assert t2.method.ema_calls[0][1] == 3  # type: ignore[attr-defined]
+    # the per-round hook sees the round it resumes into, then the next, as an uninterrupted run
+    assert finished.method.round_starts == [(0, 2), (1, 2)]  # type: ignore[attr-defined]
+    assert t2.method.round_starts == [(0, 2), (1, 2)]  # type: ignore[attr-defined]
     for k, v in finished.method.state_dict().items():
         assert torch.equal(v, t2.method.state_dict()[k]), k
 

@@ -121,7 +121,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     ph.add_argument("--n", type=int, default=8, help="number of volumes")
     ph.add_argument("--out", required=True, help="output folder (a dataset.json is written there)")
-    ph.add_argument("--seed", type=int, default=0, help="subject i is drawn from (seed, i): the same whatever --n is")
+    ph.add_argument(
+        "--seed", type=int, default=0, help="subject i is drawn from (seed, i): the same whatever --n is"
+    )
     ph.add_argument(
         "--shape", type=int, nargs=3, default=(96, 96, 80), metavar=("X", "Y", "Z"), help="voxels per axis"
     )

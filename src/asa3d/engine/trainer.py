@@ -486,6 +486,7 @@ class Trainer:
         tc, env = self.tc, self.env
         while self.pos.round < tc.epochs:
             r = self.pos.round
+            self.method.on_round_start(r, tc.epochs)
             loaders: dict[int, Any] = {}
             start_consumed = [0] * len(self.phases)
             for p, _ in self.plan[: self.pos.step]:

@@ -73,6 +73,11 @@ class PretrainMethod(nn.Module, abc.ABC):
         """Forward one micro-batch of ``phase`` and return its loss. ``batch["image"]`` is on the
         training device (see ``SampleSpec``). Runs under the engine's autocast context."""
 
+    def on_round_start(self, round_index: int, total_rounds: int) -> None:
+        """Called at the start of every round (0-based), also when a run resumes mid-round.
+        For schedules that change per round (coarse-to-fine stages, queue warm-up): derive the
+        state from ``round_index`` alone, so a resumed run sets exactly what an uninterrupted one did."""
+
     def on_step_end(self, phase: str, global_iter: int, total_iters: int) -> dict[str, float]:
         """Called after every optimiser step (EMA updates go here). Returns scalars to log."""
         return {}
