@@ -4,7 +4,9 @@ The reference way (spec §2, §14.7) runs the whole SwinUNETR (last stage, UNETR
 for the teacher in both phases and for both crops of a symmetric phase 2, then discards the
 decoder output. It is written here from that description, on the same weights and views, so the
 losses must agree (phase 2 compared with ``p2_symmetric=true``). The floor is one plain SwinUNETR
-forward + backward on the same input.
+forward + backward on the same input. The reference way and the floor run in MONAI's default
+attention (as the reference code's vendored MONAI does); asa3d's teacher forwards use MONAI's
+scaled-dot-product window attention (``model.use_flash_attention``, autograd-free passes only).
 
     python benchmarks/asa_step.py --quick            # paper width (F=48, W=8192) and tiny, 64^3
 
@@ -15,6 +17,7 @@ phase 1 <= 1.3x a plain forward+backward.
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 from collections.abc import Callable
 
@@ -53,25 +56,38 @@ def _tok(h: torch.Tensor) -> torch.Tensor:
     return h.flatten(2).transpose(1, 2)
 
 
-def reference_p1(m: ASA, x: torch.Tensor, sh: ShuffleResult) -> torch.Tensor:
+def stock_copy(net: SwinUNETR) -> SwinUNETR:
+    """The same weights in MONAI's default attention path: the reference code's vendored MONAI
+    has no scaled-dot-product attention, so the reference way must not get asa3d's setting."""
+    ref = copy.deepcopy(net)
+    for mod in ref.modules():
+        if hasattr(mod, "use_flash_attention"):
+            mod.use_flash_attention = False
+    return ref
+
+
+Nets = tuple[SwinUNETR, SwinUNETR]  # (student, teacher) computed the reference way
+
+
+def reference_p1(m: ASA, nets: Nets, x: torch.Tensor, sh: ShuffleResult) -> torch.Tensor:
     c, k = m.cfg, m.stage
-    recon, hs = full_swinunetr(m.student.backbone.net, sh.x_perm)
+    recon, hs = full_swinunetr(nets[0], sh.x_perm)
     tok = _tok(hs[k])
     loss = c.lambda_var * appearance_loss(recon, x)
     loss = loss + c.lambda_vop * order_loss_3d(m.student.order_head(tok), sh.target3d)
     z_s = m.student.global_proj(tok.mean(1))
     with torch.no_grad():
-        _, ht = full_swinunetr(m.teacher.backbone.net, x)  # decoder output discarded
+        _, ht = full_swinunetr(nets[1], x)  # decoder output discarded
         z_t = m.teacher.global_proj(_tok(ht[k]).mean(1))
     return loss + c.lambda_global * consistency_loss(z_s, z_t, True, c.consistency_reduction)
 
 
-def reference_p2(m: ASA, pair: CropPair) -> torch.Tensor:
+def reference_p2(m: ASA, nets: Nets, pair: CropPair) -> torch.Tensor:
     """Symmetric: 1/2 [(G12 + G21) + 1/2 (L12 + L21)], every network pass a full SwinUNETR."""
     c, k = m.cfg, m.stage
-    s = [_tok(full_swinunetr(m.student.backbone.net, crop)[1][k]) for crop in (pair.crop1, pair.crop2)]
+    s = [_tok(full_swinunetr(nets[0], crop)[1][k]) for crop in (pair.crop1, pair.crop2)]
     with torch.no_grad():
-        t = [_tok(full_swinunetr(m.teacher.backbone.net, crop)[1][k]) for crop in (pair.crop1, pair.crop2)]
+        t = [_tok(full_swinunetr(nets[1], crop)[1][k]) for crop in (pair.crop1, pair.crop2)]
     masks = (pair.mask1, pair.mask2)
     g, loc = [], []
     for i, j in ((0, 1), (1, 0)):
@@ -124,14 +140,16 @@ def bench(name: str, feature_size: int, width: int, size: int, warmup: int, repe
     x = resize_volumes(vol, size)
     sh = shuffle_blocks(x, 16, generator=g)
     pair = related_crops(resize_volumes(vol, method.cfg.p2_size), size, 16, 2, generator=g)
-    plain = method.student.backbone.net
+    plain = stock_copy(method.student.backbone.net)  # the floor: a plain MONAI SwinUNETR
+    ref_nets = (stock_copy(method.student.backbone.net), stock_copy(method.teacher.backbone.net))
+    params += [p for net in (plain, *ref_nets) for p in net.parameters() if p.requires_grad]
 
     variants: dict[str, Callable[[], torch.Tensor]] = {
         "plain": lambda: plain(x).mean(),
         "ours_p1": lambda: method.shuffle_step(x, sh, P1_TASKS).loss,
-        "ref_p1": lambda: reference_p1(method, x, sh),
+        "ref_p1": lambda: reference_p1(method, ref_nets, x, sh),
         "ours_p2": lambda: method.crops_step(pair, P2_TASKS).loss,
-        "ref_p2": lambda: reference_p2(method, pair),
+        "ref_p2": lambda: reference_p2(method, ref_nets, pair),
     }
     cpu: dict[str, list[float]] = {k: [] for k in variants}
     wall: dict[str, list[float]] = {k: [] for k in variants}

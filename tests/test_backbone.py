@@ -124,3 +124,32 @@ def test_changed_block_changes_same_token_most(net: SwinBackbone, x64: torch.Ten
     for j, (i0, i1, i2) in enumerate(targets, start=1):
         change = (tok[j] - tok[0]).norm(dim=-1)
         assert change.argmax().item() == (i0 * 4 + i1) * 4 + i2
+
+
+def test_flash_attention_only_where_autograd_is_off(net: SwinBackbone) -> None:
+    """model.use_flash_attention (default on) switches MONAI's SDPA window attention, which MONAI
+    applies only without autograd: no-grad outputs agree with the explicit path within float
+    rounding, and a forward with autograd takes the explicit path bit for bit."""
+    x = torch.rand(1, 1, 32, 32, 32, generator=torch.Generator().manual_seed(2))
+    flags = [m.use_flash_attention for m in net.modules() if hasattr(m, "use_flash_attention")]
+    assert flags and all(flags)
+    slow = SwinBackbone(ModelConfig(feature_size=12, use_flash_attention=False), out_channels=1).eval()
+    slow.load_state_dict(net.state_dict())
+    with torch.no_grad():
+        fast_h, slow_h = net.encode(x, 3)[3], slow.encode(x, 3)[3]
+    assert not torch.equal(fast_h, slow_h)  # a different kernel really ran
+    torch.testing.assert_close(fast_h, slow_h, atol=1e-5, rtol=1e-5)
+    assert torch.equal(net.encode(x, 3)[3].detach(), slow.encode(x, 3)[3].detach())
+
+
+def test_speed_only_kwargs_are_dropped_on_a_monai_without_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    import asa3d.models.backbone as bb
+
+    class OldSwinUNETR:  # the signature of a MONAI before use_flash_attention
+        def __init__(self, in_channels: int, out_channels: int, feature_size: int = 24) -> None: ...
+
+    monkeypatch.setattr(bb, "SwinUNETR", OldSwinUNETR)
+    kw = {"in_channels": 1, "out_channels": 2, "feature_size": 12, "use_flash_attention": True}
+    assert bb.monai_swinunetr_kwargs(kw) == {"in_channels": 1, "out_channels": 2, "feature_size": 12}
+    with pytest.raises(TypeError, match="use_v2"):
+        bb.monai_swinunetr_kwargs({**kw, "use_v2": True})  # a key that changes the network is refused

@@ -247,19 +247,13 @@ def check_swinunetr_transfer(
 
 def monai_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
     """``SwinUNETR`` keyword arguments as the installed MONAI names them (MONAI 1.x spells the
-    stochastic depth ``dropout_path_rate``), so ``SwinUNETR(**kwargs)`` works for a reader of the
-    checkpoint or sidecar. Unknown keys are refused, naming them."""
-    import inspect
+    stochastic depth ``dropout_path_rate``), with tuples as lists so they serialise, so
+    ``SwinUNETR(**kwargs)`` works for a reader of the checkpoint or sidecar. Unknown keys are
+    refused, naming them."""
+    from asa3d.models.backbone import monai_swinunetr_kwargs
 
-    from monai.networks.nets import SwinUNETR
-
-    params = inspect.signature(SwinUNETR.__init__).parameters
-    out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in kwargs.items()}
-    if "drop_path_rate" in out and "drop_path_rate" not in params:
-        out["dropout_path_rate"] = out.pop("drop_path_rate")
-    unknown = sorted(k for k in out if k not in params)
-    if unknown:
-        raise CheckpointError(
-            f"SwinUNETR does not accept {unknown}; valid: {sorted(p for p in params if p != 'self')}"
-        )
-    return out
+    try:
+        out = monai_swinunetr_kwargs(dict(kwargs))
+    except TypeError as exc:
+        raise CheckpointError(str(exc)) from None
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in out.items()}

@@ -32,6 +32,11 @@ __all__ = [
 ]
 
 
+# SwinUNETR arguments that change only speed (never weights, outputs beyond float rounding, or
+# gradients); a MONAI that lacks them still builds the same network.
+SPEED_ONLY_KWARGS = ("use_flash_attention",)
+
+
 def stage_for_subvolume(p: int, patch_size: int = 2) -> int:
     """Stage whose tokens cover ``p``^3 voxels each: p = patch_size * 2**k (p=16 -> k=3)."""
     if p < patch_size or p % patch_size:
@@ -60,6 +65,9 @@ def monai_swinunetr_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     out = dict(kwargs)
     if "drop_path_rate" in out and "drop_path_rate" not in params:
         out["dropout_path_rate"] = out.pop("drop_path_rate")
+    for key in SPEED_ONLY_KWARGS:  # change no weight and no gradient: safe to drop where unknown
+        if key in out and key not in params:
+            out.pop(key)
     unknown = sorted(k for k in out if k not in params)
     if unknown:
         raise TypeError(
