@@ -28,6 +28,7 @@ from asa3d.config_sections import ModelConfig
 from asa3d.methods.asa import ASA
 from asa3d.methods.asa_losses import appearance_loss, consistency_loss, order_loss_3d
 from asa3d.methods.base import build_method
+from asa3d.models.backbone import decode_swinunetr
 from asa3d.views.related_crops import CropPair, related_crops
 from asa3d.views.resize import resize_volumes
 from asa3d.views.shuffle import ShuffleResult, shuffle_blocks
@@ -40,16 +41,7 @@ P2_TASKS = ("gc", "lc")
 def full_swinunetr(net: SwinUNETR, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Whole SwinUNETR forward, returning the decoder output and the hidden states."""
     hs = net.swinViT(x, net.normalize)
-    enc0 = net.encoder1(x)
-    enc1 = net.encoder2(hs[0])
-    enc2 = net.encoder3(hs[1])
-    enc3 = net.encoder4(hs[2])
-    dec4 = net.encoder10(hs[4])
-    dec3 = net.decoder5(dec4, hs[3])
-    dec2 = net.decoder4(dec3, enc3)
-    dec1 = net.decoder3(dec2, enc2)
-    dec0 = net.decoder2(dec1, enc1)
-    return net.out(net.decoder1(dec0, enc0)), hs
+    return decode_swinunetr(net, x, hs), hs
 
 
 def _tok(h: torch.Tensor) -> torch.Tensor:

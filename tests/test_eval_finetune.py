@@ -148,3 +148,38 @@ def test_best_selection_on_a_validation_section(phantom_dataset, tmp_path):
     assert [v["iteration"] for v in doc["validation"]] == [1, 2]
     assert doc["selected"].startswith("best") and (tmp_path / "best" / "model_best.pt").is_file()
     assert json.loads((tmp_path / "best" / "model.json").read_text())["weights"] == "model_best.pt"
+
+
+def test_merged_classes_scored_beside_labels_and_kept_out_of_the_mean(phantom_dataset, monkeypatch):
+    """eval.merged_classes (LiTS: liver = label >= 1): a prediction that swaps the two kidneys
+    scores 0 for each kidney but 1 for the merged region, which never enters the mean."""
+    import dataclasses
+
+    import numpy as np
+
+    from asa3d.config import ConfigError
+    from asa3d.eval import finetune as ft
+
+    cfg = tiny_cfg(phantom_dataset)
+    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, merged_classes={"kidneys": [2, 3]}))
+    index = ft.load_index(cfg.data, "validation")
+    labels = {c.id: c.label() for c in index.cases}
+    gts = iter([labels[c.id] for c in index.cases])
+
+    def swapped(*args, **kwargs):
+        gt = next(gts).copy()
+        r, l = gt == 2, gt == 3
+        gt[r], gt[l] = 3, 2
+        return gt
+
+    monkeypatch.setattr(ft, "predict_volume", swapped)
+    rows = ft.score_cases(torch.nn.Identity(), index, cfg, 14, torch.device("cpu"))
+    for row in rows:
+        d = row["dice"]
+        assert d["right kidney"] == 0.0 and d["left kidney"] == 0.0 and d["kidneys"] == 1.0
+        assert d["liver"] == 1.0
+    summary = ft.summarise(rows, ["dice"], exclude=cfg.eval.merged_classes)["dice"]
+    expected = np.nanmean([v for c, v in summary["per_class"].items() if c != "kidneys"])
+    assert summary["mean"] == pytest.approx(expected) and summary["mean"] < 1.0
+    with pytest.raises(ConfigError, match="foreground label values"):
+        InferenceConfig(merged_classes={"bad": [0]}).validate()

@@ -21,7 +21,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -30,7 +30,7 @@ import numpy as np
 
 from asa3d.config import ConfigError, save_config, to_dict
 from asa3d.eval.finetune import FinetuneConfig, load_index, run_finetune
-from asa3d.eval.metrics import btcv_paper_columns, json_safe, nanmean
+from asa3d.eval.metrics import btcv_paper_columns, json_safe, mean_over_classes, nanmean
 from asa3d.eval.splits import fraction_tag, nested_subsets, save_subsets
 from asa3d.eval.stats import paired_test
 from asa3d.eval.transfer import InitConfig
@@ -314,7 +314,7 @@ def aggregate(
                 )
             classes = list(per_seed_class[0]) if per_seed_class else []
             cls_stats = {c: _mean_std([p[c] for p in per_seed_class]) for c in classes}
-            avg = _mean_std([nanmean(list(p.values())) for p in per_seed_class])
+            avg = _mean_std([mean_over_classes(p, cfg.eval.merged_classes) for p in per_seed_class])
             entry[metric] = {
                 "per_class": {c: {"mean": m, "std": s} for c, (m, s, _) in cls_stats.items()},
                 "avg": {"mean": avg[0], "std": avg[1]},
@@ -330,7 +330,7 @@ def aggregate(
         summary["groups"].append(entry)
     summary["groups"].sort(key=lambda e: (_order(g, e["init"]), e["mode"], e["fraction"]))
     write_tables(summary, out)
-    stats = compare_inits(results, g, metrics)
+    stats = compare_inits(results, g, metrics, exclude=cfg.eval.merged_classes)
     _atomic_json(out / "stats.json", stats)
     write_stats_md(stats, out / "stats.md")
     summary["stats"] = "stats.json"
@@ -392,10 +392,14 @@ def write_tables(summary: Mapping[str, Any], out: Path) -> None:
 
 
 def compare_inits(
-    results: Sequence[Mapping[str, Any]], g: GridConfig, metrics: Sequence[str]
+    results: Sequence[Mapping[str, Any]],
+    g: GridConfig,
+    metrics: Sequence[str],
+    exclude: Collection[str] = (),
 ) -> dict[str, Any]:
     """Paired tests of every init against ``grid.reference`` per mode and fraction; pairs are
-    (case, seed) and the value is the case's mean over classes (NaN classes excluded)."""
+    (case, seed) and the value is the case's mean over classes (NaN classes and the merged
+    regions in ``exclude`` left out)."""
     by_key: dict[tuple[str, str, float, int], Mapping[str, Any]] = {
         (r["init"], r["mode"], float(r["fraction"]), int(r["seed"])): r for r in results
     }
@@ -416,12 +420,8 @@ def compare_inits(
                         cb = {row["id"]: row for row in rb["per_case"]}
                         for row in ra["per_case"]:
                             if row["id"] in cb:
-                                a.append(nanmean([np.nan if v is None else v for v in row[metric].values()]))
-                                b.append(
-                                    nanmean(
-                                        [np.nan if v is None else v for v in cb[row["id"]][metric].values()]
-                                    )
-                                )
+                                a.append(mean_over_classes(row[metric], exclude))
+                                b.append(mean_over_classes(cb[row["id"]][metric], exclude))
                                 pairs.append([row["id"], seed])
                     if not a:
                         continue

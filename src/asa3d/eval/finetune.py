@@ -24,7 +24,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -36,7 +36,7 @@ from monai.losses import DiceCELoss, DiceLoss
 
 from asa3d.config import ConfigError, save_config, to_dict
 from asa3d.config_sections import DataConfig, ModelConfig, PreprocessConfig
-from asa3d.eval.metrics import case_metrics, json_safe, nanmean
+from asa3d.eval.metrics import case_metrics, json_safe, mean_over_classes, nanmean
 from asa3d.eval.probe import prepare_model, trainable_parameters
 from asa3d.eval.transfer import InitConfig, build_model, init_model
 
@@ -113,10 +113,19 @@ class InferenceConfig:
     grid: Literal["resampled", "native"] = "resampled"
     save_predictions: bool = False  # write predictions (uint8 .npz, resampled grid) to the run dir
     max_cases: int | None = None  # score only the first N test cases (smoke runs)
+    # extra scored regions, each the union of label values, e.g. LiTS {"liver": [1, 2]}: the
+    # liver Dice the field reports counts the tumour as liver (asa.md §10)
+    merged_classes: dict[str, list[int]] = field(default_factory=dict)
 
     def validate(self) -> None:
         if self.roi_size is not None:
             check_roi(self.roi_size, "eval.roi_size")
+        for name, ids in self.merged_classes.items():
+            if not isinstance(ids, list) or not ids or not all(isinstance(i, int) and i > 0 for i in ids):
+                raise ConfigError(
+                    f"eval.merged_classes.{name}={ids!r}: give a list of foreground label values, "
+                    'e.g. eval.merged_classes={"liver": [1, 2]}'
+                )
         if self.split is not None and self.split == self.val_split:
             raise ConfigError(
                 f"eval.val_split={self.val_split!r} equals the test split: model selection on the test "
@@ -308,6 +317,19 @@ def score_cases(
             row[metric] = {
                 names.get(c, f"class{c}"): v for c, v in zip(range(1, n_classes), vals, strict=True)
             }
+        for name, ids in cfg.eval.merged_classes.items():
+            region = case_metrics(
+                np.isin(scored, ids).astype(np.uint8),
+                np.isin(gt, ids).astype(np.uint8),
+                2,
+                spacing=spacing,
+                metrics=cfg.eval.metrics,
+                nsd_tolerance_mm=cfg.eval.nsd_tolerance_mm,
+            )
+            for metric, vals in region.items():
+                if name in row[metric]:
+                    raise ConfigError(f"eval.merged_classes: {name!r} is already a class name")
+                row[metric][name] = vals[0]
         rows.append(row)
         if pred_dir is not None:
             pred_dir.mkdir(parents=True, exist_ok=True)
@@ -327,13 +349,16 @@ def _to_native(pred: np.ndarray, case: Any) -> tuple[np.ndarray, np.ndarray, tup
     return native, np.rint(gt_vol.array).astype(np.int16), gt_vol.spacing
 
 
-def summarise(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str]) -> dict[str, Any]:
-    """Mean per class over cases (NaN-excluded) and the overall mean of those class means."""
+def summarise(
+    rows: Sequence[Mapping[str, Any]], metrics: Sequence[str], exclude: Collection[str] = ()
+) -> dict[str, Any]:
+    """Mean per class over cases (NaN-excluded) and the overall mean of those class means
+    (``exclude``: merged regions, reported per class but left out of the mean)."""
     out: dict[str, Any] = {}
     for metric in metrics:
         classes = list(rows[0][metric]) if rows else []
         per_class = {c: nanmean([r[metric][c] for r in rows]) for c in classes}
-        out[metric] = {"per_class": per_class, "mean": nanmean(list(per_class.values()))}
+        out[metric] = {"per_class": per_class, "mean": mean_over_classes(per_class, exclude)}
     return out
 
 
@@ -522,7 +547,7 @@ def run_finetune(
         rows = score_cases(net, test_index, cfg, n_classes, device, pred_dir)
         doc["test_split"] = cfg.eval.split
         doc["per_case"] = rows
-        doc["summary"] = summarise(rows, cfg.eval.metrics)
+        doc["summary"] = summarise(rows, cfg.eval.metrics, exclude=cfg.eval.merged_classes)
         write_per_case_csv(out / "per_case.csv", rows)
     doc["seconds"] = round(time.time() - t0, 2)
     _atomic_write_text(out / "metrics.json", json.dumps(json_safe(doc), indent=1, default=_json_default))

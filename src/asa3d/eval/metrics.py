@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -88,6 +88,12 @@ def nanmean(values: Sequence[float]) -> float:
     arr = np.asarray([v for v in values if v is not None], dtype=float)
     arr = arr[~np.isnan(arr)]
     return float(arr.mean()) if arr.size else float("nan")
+
+
+def mean_over_classes(per_class: Mapping[str, float | None], exclude: Collection[str] = ()) -> float:
+    """The "mean"/"Avg" of one case or one seed: over label classes, NaN excluded. Merged regions
+    (``eval.merged_classes``) are extra columns and never enter it (they would count twice)."""
+    return nanmean([np.nan if v is None else v for c, v in per_class.items() if c not in exclude])
 
 
 def btcv_paper_columns(per_class: Mapping[str, float]) -> dict[str, float]:

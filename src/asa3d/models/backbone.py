@@ -25,6 +25,7 @@ from asa3d.config_sections import ModelConfig
 __all__ = [
     "SwinBackbone",
     "build_student_teacher",
+    "decode_swinunetr",
     "encoder_parameter_names",
     "monai_swinunetr_kwargs",
     "stage_for_subvolume",
@@ -86,6 +87,21 @@ def encoder_parameter_names(stage: int, use_v2: bool = False) -> tuple[str, ...]
     return tuple(names)
 
 
+def decode_swinunetr(net: SwinUNETR, x: torch.Tensor, hidden: list[torch.Tensor]) -> torch.Tensor:
+    """The UNETR conv blocks and decoder of ``SwinUNETR.forward`` on given hidden states h_0..h_4
+    (MONAI's forward does not take precomputed hidden states, hence this copy of its wiring)."""
+    enc0 = net.encoder1(x)
+    enc1 = net.encoder2(hidden[0])
+    enc2 = net.encoder3(hidden[1])
+    enc3 = net.encoder4(hidden[2])
+    dec4 = net.encoder10(hidden[4])
+    dec3 = net.decoder5(dec4, hidden[3])
+    dec2 = net.decoder4(dec3, enc3)
+    dec1 = net.decoder3(dec2, enc2)
+    dec0 = net.decoder2(dec1, enc1)
+    return net.out(net.decoder1(dec0, enc0))
+
+
 class SwinBackbone(nn.Module):
     """A MONAI ``SwinUNETR`` (``self.net``) with stage-limited and full forwards."""
 
@@ -124,18 +140,7 @@ class SwinBackbone(nn.Module):
         return outs
 
     def decode(self, x: torch.Tensor, hidden: list[torch.Tensor]) -> torch.Tensor:
-        """The UNETR conv blocks and decoder of ``SwinUNETR.forward`` on given hidden states."""
-        net = self.net
-        enc0 = net.encoder1(x)
-        enc1 = net.encoder2(hidden[0])
-        enc2 = net.encoder3(hidden[1])
-        enc3 = net.encoder4(hidden[2])
-        dec4 = net.encoder10(hidden[4])
-        dec3 = net.decoder5(dec4, hidden[3])
-        dec2 = net.decoder4(dec3, enc3)
-        dec1 = net.decoder3(dec2, enc2)
-        dec0 = net.decoder2(dec1, enc1)
-        return net.out(net.decoder1(dec0, enc0))
+        return decode_swinunetr(self.net, x, hidden)
 
     def forward_full(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """``(net(x), [h_0..h_4])`` in one pass (the hidden states are reused, not recomputed)."""
