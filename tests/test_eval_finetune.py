@@ -183,3 +183,13 @@ def test_merged_classes_scored_beside_labels_and_kept_out_of_the_mean(phantom_da
     assert summary["mean"] == pytest.approx(expected) and summary["mean"] < 1.0
     with pytest.raises(ConfigError, match="foreground label values"):
         InferenceConfig(merged_classes={"bad": [0]}).validate()
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_finetune_mixed_precision_runs(phantom_dataset, tmp_path, precision):
+    """The engine's autocast/GradScaler helpers drive fine-tuning too (fp16 on CPU: autocast only)."""
+    doc = run_finetune(tiny_cfg(phantom_dataset, iterations=3, precision=precision), tmp_path / precision)
+    assert doc["iterations"] == 3 and doc["loss_last"] == doc["loss_last"]  # finite, not NaN
+    assert 0.0 <= doc["summary"]["dice"]["mean"] <= 1.0
+    state = torch.load(tmp_path / precision / "model_final.pt", weights_only=True)
+    assert all(v.dtype != torch.float16 for v in state.values())  # weights stay fp32

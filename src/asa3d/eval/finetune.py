@@ -36,6 +36,7 @@ from monai.losses import DiceCELoss, DiceLoss
 
 from asa3d.config import ConfigError, save_config, to_dict
 from asa3d.config_sections import DataConfig, ModelConfig, PreprocessConfig
+from asa3d.engine.precision import autocast, make_scaler
 from asa3d.eval.metrics import case_metrics, json_safe, mean_over_classes, nanmean
 from asa3d.eval.probe import prepare_model, trainable_parameters
 from asa3d.eval.transfer import InitConfig, build_model, init_model
@@ -57,7 +58,7 @@ class FinetuneTrainConfig:
     lr_schedule: Literal["constant", "warmup_cosine"] = "constant"
     warmup_iters: int = 0
     loss: Literal["dice", "dice_ce"] = "dice"
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # fp16: with a GradScaler on CUDA
     flip_prob: float = 0.1  # per axis
     rot90_prob: float = 0.1  # axial plane, k in {1, 2, 3}
     shift_prob: float = 0.5
@@ -265,7 +266,7 @@ def predict_volume(
     was_training = model.training
     model.eval()
     dev = torch.device(device)
-    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+    with autocast(precision, dev):
         logits = sliding_window_inference(
             x, tuple(int(r) for r in roi), sw_batch_size, model, overlap=overlap, mode=mode
         )
@@ -444,6 +445,7 @@ def run_finetune(
     else:
         loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=True)
     aug_gen = torch.Generator().manual_seed(tc.seed + 1)
+    scaler = make_scaler(tc.precision, device)
 
     if val_index is None and cfg.eval.val_split and (tc.val_every or tc.select == "best"):
         val_index = load_index(cfg.data, cfg.eval.val_split)
@@ -470,16 +472,18 @@ def run_finetune(
             img = batch["image"].to(device)
             lbl = batch["label"].to(device).long()
             img, lbl = augment(img, lbl, tc, aug_gen)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16"):
+            with autocast(tc.precision, device):
                 logits = net(img)
             loss = loss_fn(logits.float(), lbl)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss at iteration {it}")
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
             if tc.grad_clip:
+                scaler.unscale_(opt)
                 torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
-            opt.step()
+            scaler.step(opt)  # skips the step when fp16 gradients overflowed
+            scaler.update()
             sched.step()
             it += 1
             log_rows.append((it, loss.item(), float(sched.get_last_lr()[0])))
