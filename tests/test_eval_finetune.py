@@ -187,9 +187,17 @@ def test_merged_classes_scored_beside_labels_and_kept_out_of_the_mean(phantom_da
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_finetune_mixed_precision_runs(phantom_dataset, tmp_path, precision):
-    """The engine's autocast/GradScaler helpers drive fine-tuning too (fp16 on CPU: autocast only)."""
-    doc = run_finetune(tiny_cfg(phantom_dataset, iterations=3, precision=precision), tmp_path / precision)
-    assert doc["iterations"] == 3 and doc["loss_last"] == doc["loss_last"]  # finite, not NaN
-    assert 0.0 <= doc["summary"]["dice"]["mean"] <= 1.0
+    """The engine's autocast/GradScaler helpers drive fine-tuning too (fp16 on CPU: autocast only).
+    Half-precision conv3d is ~7x slower than fp32 on a CPU, so: 2 steps, and the half-precision
+    sliding-window scoring only for bf16 (the same helper serves both)."""
+    import dataclasses
+
+    cfg = tiny_cfg(phantom_dataset, iterations=2, precision=precision)
+    split = "validation" if precision == "bf16" else None
+    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, max_cases=1, split=split))
+    doc = run_finetune(cfg, tmp_path / precision)
+    assert doc["iterations"] == 2 and all(v == v for v in (doc["loss_first"], doc["loss_last"]))
+    if split:
+        assert 0.0 <= doc["summary"]["dice"]["mean"] <= 1.0
     state = torch.load(tmp_path / precision / "model_final.pt", weights_only=True)
-    assert all(v.dtype != torch.float16 for v in state.values())  # weights stay fp32
+    assert all(v.dtype == torch.float32 for v in state.values() if v.is_floating_point())
