@@ -85,6 +85,15 @@ def _seeded_test(ids: list[str], n_test: int, seed: int = SPLIT_SEED) -> set[str
     return {sorted(ids)[i] for i in order[:n_test]}
 
 
+def _seeded_split(pairs: list[dict[str, str]], n_test: int) -> dict[str, list[dict[str, str]]]:
+    """``training`` / ``test`` with a seeded choice of ``n_test`` test cases (order kept)."""
+    test_ids = _seeded_test([p["id"] for p in pairs], n_test)
+    return {
+        "training": [p for p in pairs if p["id"] not in test_ids],
+        "test": [p for p in pairs if p["id"] in test_ids],
+    }
+
+
 def _record(name: str, splits: dict[str, list[dict[str, str]]], provenance: str) -> dict:
     return {
         "preset": name,
@@ -195,10 +204,8 @@ def lits(root: Path) -> PresetLayout:
     _need(images, root, "lits", "volume-N.nii / liver_N.nii.gz images")
     pairs = sorted(_pair(images, labels, "lits_"), key=lambda p: int(p["id"][5:]))
     n_test = min(36, len(pairs) // 4) if len(pairs) < 131 else 36
-    test_ids = _seeded_test([p["id"] for p in pairs], n_test)
     splits = {
-        "training": [p for p in pairs if p["id"] not in test_ids],
-        "test": [p for p in pairs if p["id"] in test_ids],
+        **_seeded_split(pairs, n_test),
         "unlabelled": [
             {"id": f"lits_{k}", "image": str(images[k])} for k in sorted(images) if k not in labels
         ],
@@ -237,11 +244,7 @@ def pancreas_ct(root: Path) -> PresetLayout:
     _need(images, root, "pancreas_ct", "PANCREAS_XXXX images or DICOM folders")
     pairs = _pair(images, labels, "pancreas_")
     n_test = round(0.2 * len(pairs))
-    test_ids = _seeded_test([p["id"] for p in pairs], n_test)
-    splits = {
-        "training": [p for p in pairs if p["id"] not in test_ids],
-        "test": [p for p in pairs if p["id"] in test_ids],
-    }
+    splits = _seeded_split(pairs, n_test)
     notes: list[str] = []
     _check_count("pancreas_ct", "training", len(splits["training"]), 64, notes)
     return PresetLayout(
