@@ -36,6 +36,7 @@ from monai.losses import DiceCELoss, DiceLoss
 
 from asa3d.config import ConfigError, save_config, to_dict
 from asa3d.config_sections import DataConfig, ModelConfig, PreprocessConfig
+from asa3d.engine.distributed import resolve_device
 from asa3d.engine.precision import autocast, make_scaler
 from asa3d.eval.metrics import case_metrics, json_safe, mean_over_classes, nanmean
 from asa3d.eval.probe import prepare_model, trainable_parameters
@@ -154,12 +155,6 @@ class FinetuneConfig:
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def n_classes_of(label_names: Mapping[int, str]) -> int:
     if not label_names:
         raise ConfigError("the dataset has no label names: fine-tuning needs labelled cases")

@@ -24,7 +24,8 @@ from monai.transforms import SpatialResample
 
 from asa3d.config import ConfigError
 from asa3d.config_sections import PreprocessConfig
-from asa3d.eval.finetune import predict_volume, resolve_device
+from asa3d.engine.distributed import resolve_device
+from asa3d.eval.finetune import predict_volume
 from asa3d.eval.probe import prepare_model
 from asa3d.eval.transfer import build_model
 
