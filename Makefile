@@ -11,7 +11,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 DEMO_OUT ?= runs/demo
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench mutation clean
 
 $(BIN)/asa3d: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,16 @@ lint: install
 bench: install
 	$(BIN)/python benchmarks/data_throughput.py
 	$(BIN)/python benchmarks/asa_step.py
+	$(BIN)/python benchmarks/augment.py
+	$(BIN)/python benchmarks/ema_update.py
+	$(BIN)/python benchmarks/finetune_step.py
+	$(BIN)/python benchmarks/method_step.py
+
+# Mutation testing (not part of CI): make mutation MODULE=eval/stats.py, or every critical module.
+# Minutes per module, about an hour for all on 2 cores; see docs/testing.md.
+MODULE ?=
+mutation: install
+	nice -n 19 $(BIN)/python scripts/mutation.py $(MODULE)
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache mutants

@@ -1,6 +1,6 @@
 """Seconds per ASA iteration: asa3d's encoder-only forwards versus the reference way.
 
-The reference way (spec §2, §14.7) runs the whole SwinUNETR (last stage, UNETR blocks, decoder)
+The reference way (docs/methods/asa.md, "Cost") runs the whole SwinUNETR (last stage, UNETR blocks, decoder)
 for the teacher in both phases and for both crops of a symmetric phase 2, then discards the
 decoder output. It is written here from that description, on the same weights and views, so the
 losses must agree (phase 2 compared with ``p2_symmetric=true``). The floor is one plain SwinUNETR

@@ -53,11 +53,9 @@ class ToyConfig:
 class _Net(nn.Module):
     def __init__(self, model_cfg: ModelConfig, proj_dim: int) -> None:
         super().__init__()
-        from monai.networks.nets import SwinUNETR
+        from asa3d.models.backbones.swinunetr import swinunetr_spec
 
-        from asa3d.engine.checkpoint import monai_kwargs
-
-        self.net = SwinUNETR(**monai_kwargs(model_cfg.swinunetr_kwargs(1)))
+        self.net = swinunetr_spec(model_cfg, 1).build()
         self.proj = nn.Linear(model_cfg.feature_size * 8, proj_dim)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -135,7 +133,8 @@ class EngineToy(PretrainMethod):
         return dict(self.teacher.net.state_dict())
 
     def transfer_parts(self) -> dict[str, bool]:
-        return {"swinViT": True, "encoders": True, "decoder": False}
+        parts = self.backbone_spec().parts  # recon trains swinViT + encoder1, never the decoder
+        return {p: p != "decoder" for p in parts}
 
     @torch.no_grad()
     def monitor_embeddings(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -202,19 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     resume: bool | str | None = {None: None, "true": True, "false": False}.get(args.resume, args.resume)
     cfg = toy_config(args.overrides)
     if args.dump:
-        import asa3d.engine.trainer as tr
+        from fit_dump import dump_state_after_fit
 
-        orig_fit = tr.Trainer.fit
-
-        def fit_and_dump(self: tr.Trainer, resume: Any = None) -> Any:
-            out = orig_fit(self, resume)
-            torch.save(
-                {k: v.detach().cpu() for k, v in self.method.state_dict().items()},
-                f"{args.dump}.rank{self.env.rank}",
-            )
-            return out
-
-        tr.Trainer.fit = fit_and_dump  # type: ignore[method-assign]
+        dump_state_after_fit(args.dump)
     run_pretrain(cfg, args.out, resume, dataset_factory=toy_factory(args.volumes))
     return 0
 

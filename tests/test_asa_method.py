@@ -1,4 +1,4 @@
-"""ASA method: config validation, gradient routing (spec §8), EMA, teacher mode, transfer."""
+"""ASA method: config validation, gradient routing (docs/methods/asa.md), EMA, teacher mode, transfer."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from monai.networks.nets import SwinUNETR
 from asa3d.config import ConfigError
 from asa3d.config_sections import ModelConfig
 from asa3d.methods.base import build_method
-from asa3d.models.backbone import monai_swinunetr_kwargs
+from asa3d.models.backbones.swinunetr import monai_swinunetr_kwargs
 from asa3d.models.ema import cosine_momentum, ema_update_, make_teacher
 
 MODEL = ModelConfig(feature_size=12, window_size=4, depths=(2, 2, 2, 2))
@@ -108,7 +108,7 @@ def test_teacher_always_eval(method) -> None:
     assert not method.teacher.training
 
 
-# ---- gradient routing (spec §8) ----------------------------------------------------------------
+# ---- gradient routing (docs/methods/asa.md) ----------------------------------------------------------------
 ENC3 = (
     "backbone.net.swinViT.patch_embed.",
     "backbone.net.swinViT.layers1.",

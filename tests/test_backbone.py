@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from asa3d.config_sections import ModelConfig
-from asa3d.models.backbone import (
+from asa3d.models.backbones.swinunetr import (
     SwinBackbone,
     build_student_teacher,
     encoder_parameter_names,
@@ -99,7 +99,7 @@ def test_student_teacher_pair() -> None:
 
 
 def test_stage3_token_gradient_locality(net: SwinBackbone, x64: torch.Tensor) -> None:
-    """Spec §2: the input gradient of h_3 token (1,2,3) concentrates (~73 %) in input block (1,2,3)."""
+    """The input gradient of h_3 token (1,2,3) concentrates (~73 %) in input block (1,2,3)."""
     x = x64.clone().requires_grad_(True)
     h3 = net.encode(x, 3)[3]  # (1, 96, 4, 4, 4)
     h3[0, :, 1, 2, 3].pow(2).sum().backward()
@@ -143,7 +143,7 @@ def test_flash_attention_only_where_autograd_is_off(net: SwinBackbone) -> None:
 
 
 def test_speed_only_kwargs_are_dropped_on_a_monai_without_them(monkeypatch: pytest.MonkeyPatch) -> None:
-    import asa3d.models.backbone as bb
+    import asa3d.models.backbones.swinunetr as bb
 
     class OldSwinUNETR:  # the signature of a MONAI before use_flash_attention
         def __init__(self, in_channels: int, out_channels: int, feature_size: int = 24) -> None: ...

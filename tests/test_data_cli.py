@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import nibabel as nib
@@ -45,7 +46,7 @@ def test_prepare_with_overrides_and_skip_bad(tmp_path: Path, capsys: pytest.Capt
     ]
     assert main(args) == 2  # the bad scan stops the build, named
     err = capsys.readouterr().err
-    assert "asa3d data: error:" in err and "s1.nii.gz" in err and "truncated" in err
+    assert "asa3d data prepare: error:" in err and "s1.nii.gz" in err and "truncated" in err
     assert main([*args, "--skip-bad"]) == 0
     out = capsys.readouterr().out
     assert (
@@ -99,7 +100,7 @@ def test_help_shows_defaults(capsys: pytest.CaptureFixture) -> None:
     assert "(default: 0)" in out and "--n-validation" in out
     with pytest.raises(SystemExit):
         main(["data", "prepare", "--help"])
-    assert "data.preprocess.window = (-175.0, 250.0)" in capsys.readouterr().out
+    assert "data.preprocess.window = [-175.0, 250.0]" in capsys.readouterr().out
 
 
 def test_phantom_verb(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -127,3 +128,51 @@ def test_phantom_verb(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
         == 0
     )
     assert (tmp_path / "p" / "dataset.json").is_file() and "dataset.json" in capsys.readouterr().out
+    # what was asked for: 1 training + 1 validation case, labelled, on the requested grid
+    ds = json.loads((tmp_path / "p" / "dataset.json").read_text())
+    assert len(ds["training"]) == 1 and len(ds["validation"]) == 1 and len(ds["labels"]) > 1
+    img = nib.load(str(tmp_path / "p" / ds["training"][0]["image"]))
+    lab = np.asarray(nib.load(str(tmp_path / "p" / ds["training"][0]["label"])).dataobj)
+    assert img.shape == (24, 24, 16) and np.allclose(img.header.get_zooms(), (12, 12, 16))
+    assert lab.shape == img.shape and lab.max() > 0
+
+
+def test_data_verbs_parse_without_heavy_imports() -> None:
+    """`asa3d --help` stays fast: the data verbs' parser pulls no torch/MONAI/readers/blosc2."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, argparse; import asa3d.data.commands as c; "
+        "c.add_commands(argparse.ArgumentParser().add_subparsers()); "
+        "heavy = ('torch', 'monai', 'nibabel', 'SimpleITK', 'blosc2', 'pydicom'); "
+        "print(sorted(m for m in heavy if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("verb", ["phantom", "index", "summary", "prepare"])
+def test_every_data_verb_has_a_description_and_an_example(verb: str, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        main(["data", verb, "--help"])
+    out = capsys.readouterr().out
+    assert "example" in out and f"asa3d data {verb} " in out.split("example", 1)[1]
+
+
+def test_predict_help_has_an_example(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        main(["predict", "--help"])
+    out = capsys.readouterr().out
+    assert "--overwrite" in out and "--skip-bad" in out and "asa3d predict --model" in out
+
+
+def test_phantom_refuses_to_rewrite_without_overwrite(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    args = ["data", "phantom", "--n", "1", "--out", str(tmp_path / "p"), "--shape", "16", "16", "16"]
+    assert main(args) == 0
+    first = (tmp_path / "p" / "dataset.json").read_bytes()
+    assert main([*args[:3], "2", *args[4:]]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (tmp_path / "p" / "dataset.json").read_bytes() == first
+    assert main([*args[:3], "2", *args[4:], "--overwrite"]) == 0
+    assert b"phantom_001" in (tmp_path / "p" / "dataset.json").read_bytes()

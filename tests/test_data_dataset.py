@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 from asa3d.config_sections import DataConfig, PreprocessConfig
 from asa3d.data.dataset import CachedVolumeDataset, collate_volumes
 from asa3d.data.prepare import ensure_cache
-from asa3d.methods.base import SampleSpec
+from asa3d.data.sampling import SampleSpec
 
 CROP = SampleSpec(mode="crop", crop_size=(32, 32, 32))
 
@@ -81,3 +81,46 @@ def test_balanced_crops_hit_foreground(index) -> None:
     assert hits["balanced"] >= n // 2 and hits["balanced"] >= hits["plain"]
     with pytest.raises(ValueError, match="balanced crops need"):
         CachedVolumeDataset(index, spec, balanced=True)
+
+
+def _found_in(volume: np.ndarray, crop: np.ndarray) -> bool:
+    """Whether ``crop`` is a sub-block of ``volume`` (unpadded crops only)."""
+    cx, cy, cz = crop.shape
+    vx, vy, vz = volume.shape
+    for i in range(vx - cx + 1):
+        for j in range(vy - cy + 1):
+            for k in range(vz - cz + 1):
+                if np.array_equal(volume[i : i + cx, j : j + cy, k : k + cz], crop):
+                    return True
+    return False
+
+
+def test_several_views_come_from_the_same_volume(index) -> None:
+    spec = SampleSpec(mode="crop", crop_size=(16, 16, 16), views=2)
+    ds = CachedVolumeDataset(index, spec, seed=5, with_labels=True)
+    s = ds[2]
+    assert s["image"].shape == (2, 1, 16, 16, 16) and s["label"].shape == (2, 1, 16, 16, 16)
+    vol = index.cases[2].image()
+    assert all(_found_in(vol, s["image"][v, 0].numpy()) for v in range(2))
+    assert not torch.equal(s["image"][0], s["image"][1])  # two independent crops
+    # the first view is the crop a one-view spec draws (same rng stream)
+    one = CachedVolumeDataset(
+        index, SampleSpec(mode="crop", crop_size=(16, 16, 16)), seed=5, with_labels=True
+    )
+    assert torch.equal(one[2]["image"], s["image"][0])
+    batch = next(iter(DataLoader(ds, batch_size=2, collate_fn=ds.collate_fn)))
+    assert batch["image"].shape == (2, 2, 1, 16, 16, 16)
+    with pytest.raises(ValueError, match="views > 1 needs mode='crop'"):
+        SampleSpec(views=2)
+
+
+def test_2d_slices_from_cached_volumes(index) -> None:
+    ds = CachedVolumeDataset(index, SampleSpec(mode="crop", crop_size=(24, 24), spatial_dims=2), seed=1)
+    s = ds[0]
+    assert s["image"].shape == (1, 24, 24)
+    vol = index.cases[0].image()
+    assert _found_in(vol, s["image"][0].numpy()[..., None])  # one axial slice of the volume
+    whole = CachedVolumeDataset(index, SampleSpec(spatial_dims=2), seed=1)[0]["image"]
+    assert whole.shape == (1, *index.cases[0].shape[:2])
+    with pytest.raises(ValueError, match="crop_size of 2 sides"):
+        SampleSpec(mode="crop", crop_size=(24, 24, 24), spatial_dims=2)

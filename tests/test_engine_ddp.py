@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from asa3d.engine.checkpoint import load_checkpoint
+from conftest import skip_or_fail
 
 HERE = Path(__file__).resolve().parent
 SCRIPT = HERE / "engine_toy_method.py"
@@ -42,7 +43,7 @@ def _env() -> dict[str, str]:
 @pytest.mark.slow
 def test_two_gloo_ranks_match_one_process(tmp_path: Path) -> None:
     if not TORCHRUN.exists():
-        pytest.skip("torchrun not found beside the interpreter")
+        skip_or_fail("TORCHRUN", f"torchrun not found beside the interpreter ({TORCHRUN})")
     one = subprocess.run(
         [sys.executable, str(SCRIPT), "--out", str(tmp_path / "one"), *COMMON],
         env=_env(),

@@ -61,3 +61,19 @@ def test_rank_shards_partition_the_global_batch() -> None:
     for i in range(3):  # iteration i: ranks split exactly the single process's global batch
         assert single[4 * i : 4 * i + 4] == r0[2 * i : 2 * i + 2] + r1[2 * i : 2 * i + 2]
     assert rank_indices(order, 4, 3, 0, 2, start_iter=1) == r0[2:]  # resume skips consumed batches
+
+
+def test_warmup_start_and_floor_shape_the_cosine() -> None:
+    """SimMIM's form: linear warm-up from ``start``, cosine from the peak down to ``floor``; at
+    start = floor = 0 the schedule is the ASA curve bit for bit."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    s = LRSchedule(opt, "iter_cosine", 1.0, 2, 10, iters_per_round=4, start=0.1, floor=0.01)
+    assert s.value(0, 3) == pytest.approx(0.1 + 0.9 * 0.5)  # e = 1 of a 2-round warm-up
+    assert s.value(1, 7) == pytest.approx(1.0)  # peak at the end of warm-up
+    assert s.value(9, 39) == pytest.approx(0.01)  # ends at the floor, not 0
+    mid = s.value(5, 23)  # e = 6: halfway through the cosine
+    assert mid == pytest.approx(0.01 + 0.99 * 0.5)
+    plain = LRSchedule(opt, "epoch_cosine", 1e-3, 5, 40, iters_per_round=3)
+    zero = LRSchedule(opt, "epoch_cosine", 1e-3, 5, 40, iters_per_round=3, start=0.0, floor=0.0)
+    assert [plain.value(r, 0) for r in range(40)] == [zero.value(r, 0) for r in range(40)]
+    assert [plain.value(r, 0) for r in range(40)] == [warmup_cosine(1e-3, r + 1, 5, 40) for r in range(40)]

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from asa3d.cli import main as cli_main
+from asa3d.config import ConfigError
 from asa3d.engine.checkpoint import CheckpointError, load_checkpoint
 from asa3d.engine.distributed import DistEnv
 from asa3d.engine.trainer import Trainer, TrainingDiverged, TrainingInterrupted
@@ -49,6 +50,11 @@ def test_run_dir_contents(finished: Trainer) -> None:
         steps[0]
     )
     assert any("monitor/teacher_erank" in r for r in records)
+    # each phase's loss on its own curve, written only in that phase's steps
+    for phase in ("recon", "consist"):
+        mine = [r for r in steps if r["phase"] == phase]
+        assert len(mine) == 4 and all(r[f"{phase}/loss/loss"] == r["loss/loss"] for r in mine)
+        assert not any(f"{phase}/loss/loss" in r for r in steps if r["phase"] != phase)
     ck = load_checkpoint(d / "last.pt")
     assert ck["progress"]["global_iter"] == 8 and ck["progress"]["round"] == 2
     assert ck["backbone"]["kwargs"]["feature_size"] == 12 and ck["method"] == "engine_toy"
@@ -122,19 +128,31 @@ def test_consecutive_bad_steps_stop_with_good_checkpoint(tmp_path: Path) -> None
 
 
 def test_bf16_iteration_alternation_runs(tmp_path: Path) -> None:
+    # The toy method has no convolutions, so forcing CPU bf16 is safe here (see the next test).
     t = make(
         tmp_path,
         "train.epochs=1",
         "train.precision=bf16",
+        "train.cpu_bf16=true",
         "train.phase_alternation=iteration",
         "train.optimizer=adamw",
         "train.lr_schedule=iter_cosine",
         "train.grad_clip=1.0",
         "train.grad_accum=2",
     )
+    assert t.precision == "bf16"
     t.fit()
     assert [c[0] for c in t.method.ema_calls] == ["recon", "consist", "recon", "consist"]  # type: ignore[attr-defined]
     assert all(torch.isfinite(p).all() for p in t.method.parameters())
+
+
+def test_cpu_bf16_training_falls_back_to_fp32_with_a_warning(tmp_path: Path, caplog) -> None:  # noqa: ANN001
+    """oneDNN's bf16 conv3d weight gradients are unreliable on CPUs (benchmarks/cpu_bf16_conv.py),
+    so bf16 on a CPU trains in fp32 unless train.cpu_bf16 forces it; the run says so."""
+    with caplog.at_level("WARNING", logger="asa3d.engine.precision"):
+        t = make(tmp_path, "train.epochs=1", "train.precision=bf16")
+    assert t.precision == "fp32"
+    assert any("train.cpu_bf16=true" in r.getMessage() for r in caplog.records)
 
 
 def test_cli_refuses_unknown_key_listing_valid(capsys) -> None:  # noqa: ANN001
@@ -168,3 +186,38 @@ def test_sigterm_checkpoints_at_step_boundary_and_resumes(finished: Trainer, tmp
     t2.fit()
     for k, v in finished.method.state_dict().items():
         assert torch.equal(v, t2.method.state_dict()[k]), k
+
+
+@pytest.mark.parametrize(("drop_last", "iters"), [(False, 3), (True, 2)])
+def test_drop_last_decides_the_incomplete_batch(tmp_path: Path, drop_last: bool, iters: int) -> None:
+    cfg = toy_config([f"train.drop_last={str(drop_last).lower()}"])
+    t = Trainer(cfg, tmp_path, DistEnv(), dataset_factory=toy_factory(5))  # 5 volumes, batch 2
+    assert t.iters == [iters, iters]
+    loader = t._loader(0, 0, 0)
+    ids = [i for b in loader for i in b["id"]]
+    assert len(ids) == 2 * iters and (len(set(ids)) == 5) == (not drop_last)  # wrap: all 5 seen
+    with pytest.raises(ConfigError, match="drop_last"):
+        Trainer(
+            toy_config(["train.drop_last=true", "train.batch_size=8"]),
+            tmp_path / "b",
+            DistEnv(),
+            dataset_factory=toy_factory(5),
+        )
+
+
+def test_linear_lr_scaling_uses_the_global_batch(tmp_path: Path) -> None:
+    """train.lr_reference_batch: lr, min_lr and warmup_start_lr are per reference batch and scale
+    by batch_size / lr_reference_batch (SimMIM's 2e-4 per 512)."""
+    t = make(
+        tmp_path,
+        "train.lr=0.4",
+        "train.min_lr=0.04",
+        "train.warmup_start_lr=0.004",
+        "train.lr_reference_batch=8",
+    )
+    k = t.cfg.train.batch_size / 8
+    assert k != 1.0
+    got = (t.schedule.base, t.schedule.floor, t.schedule.start)
+    assert got == pytest.approx((0.4 * k, 0.04 * k, 0.004 * k))
+    plain = make(tmp_path / "plain", "train.lr=0.4")
+    assert plain.schedule.base == pytest.approx(0.4) and plain.schedule.floor == 0.0

@@ -52,6 +52,16 @@ def test_finetune_phantom_outputs_and_loss_goes_down(phantom_dataset, tmp_path):
     rows = json.loads((out / "metrics.json").read_text())["per_case"]
     assert len(rows) == 2 and len(rows[0]["dice"]) == 13  # 13 foreground classes, background excluded
     assert 0.0 <= doc["summary"]["dice"]["mean"] <= 1.0
+    # TensorBoard scalars (the engine's logger): one train loss per iteration, equal to train_log.csv
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(out / "tb"))
+    acc.Reload()
+    tb = [(e.step, e.value) for e in acc.Scalars("loss/train")]
+    csv_rows = (out / "train_log.csv").read_text().splitlines()[1:]
+    logged = [(int(r.split(",")[0]), float(r.split(",")[1])) for r in csv_rows]
+    assert [s for s, _ in tb] == [s for s, _ in logged] == list(range(1, 13))
+    assert [v for _, v in tb] == pytest.approx([v for _, v in logged], rel=1e-6)
 
 
 def test_epochs_alternative_and_best_needs_validation_split(phantom_dataset, tmp_path):
@@ -127,6 +137,11 @@ def test_cli_strict_probe_then_report_and_predict(phantom_dataset, tmp_path):
     assert rc == 0
     info = json.loads((out / "model.json").read_text())
     assert info["mode"] == "strict_linear"
+    # the same --out again: a finished run is never replaced without --overwrite
+    model_bytes = (out / "model_final.pt").read_bytes()
+    again = ["probe", "--strict", "--config", "finetune/phantom_tiny.yaml", "--out", str(out),
+             f"data.root={phantom_dataset}"]  # fmt: skip
+    assert main(again) == 2 and (out / "model_final.pt").read_bytes() == model_bytes
     assert main(["report", str(out)]) == 0
     page = (out / "report.html").read_text()
     assert "<table>" in page and "data:image/png;base64," in page
@@ -159,6 +174,7 @@ def test_merged_classes_scored_beside_labels_and_kept_out_of_the_mean(phantom_da
 
     from asa3d.config import ConfigError
     from asa3d.eval import finetune as ft
+    from asa3d.eval import results
 
     cfg = tiny_cfg(phantom_dataset)
     cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, merged_classes={"kidneys": [2, 3]}))
@@ -172,13 +188,13 @@ def test_merged_classes_scored_beside_labels_and_kept_out_of_the_mean(phantom_da
         gt[r], gt[l] = 3, 2
         return gt
 
-    monkeypatch.setattr(ft, "predict_volume", swapped)
-    rows = ft.score_cases(torch.nn.Identity(), index, cfg, 14, torch.device("cpu"))
+    monkeypatch.setattr(results, "predict_volume", swapped)
+    rows = results.score_cases(torch.nn.Identity(), index, cfg, 14, torch.device("cpu"))
     for row in rows:
         d = row["dice"]
         assert d["right kidney"] == 0.0 and d["left kidney"] == 0.0 and d["kidneys"] == 1.0
         assert d["liver"] == 1.0
-    summary = ft.summarise(rows, ["dice"], exclude=cfg.eval.merged_classes)["dice"]
+    summary = results.summarise(rows, ["dice"], exclude=cfg.eval.merged_classes)["dice"]
     expected = np.nanmean([v for c, v in summary["per_class"].items() if c != "kidneys"])
     assert summary["mean"] == pytest.approx(expected) and summary["mean"] < 1.0
     with pytest.raises(ConfigError, match="foreground label values"):
@@ -186,17 +202,25 @@ def test_merged_classes_scored_beside_labels_and_kept_out_of_the_mean(phantom_da
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_finetune_mixed_precision_runs(phantom_dataset, tmp_path, precision):
+def test_finetune_mixed_precision_runs(phantom_dataset, tmp_path, precision, caplog):
     """The engine's autocast/GradScaler helpers drive fine-tuning too (fp16 on CPU: autocast only).
-    Half-precision conv3d is ~7x slower than fp32 on a CPU, so: 2 steps, and the half-precision
-    sliding-window scoring only for bf16 (the same helper serves both)."""
+    bf16 on a CPU trains in fp32 (oneDNN's bf16 conv3d weight gradients are unreliable there:
+    benchmarks/cpu_bf16_conv.py), so its losses equal an fp32 run's bit for bit, while the
+    sliding-window scoring (a forward pass, unaffected) still runs in bf16.
+    Half-precision conv3d is ~7x slower than fp32 on a CPU, so: 2 steps."""
     import dataclasses
 
     cfg = tiny_cfg(phantom_dataset, iterations=2, precision=precision)
     split = "validation" if precision == "bf16" else None
     cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, max_cases=1, split=split))
-    doc = run_finetune(cfg, tmp_path / precision)
+    with caplog.at_level("WARNING", logger="asa3d.engine.precision"):
+        doc = run_finetune(cfg, tmp_path / precision)
     assert doc["iterations"] == 2 and all(v == v for v in (doc["loss_first"], doc["loss_last"]))
+    if precision == "bf16":
+        assert any("training in fp32" in r.getMessage() for r in caplog.records)
+        fp32 = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision="fp32"))
+        ref = run_finetune(fp32, tmp_path / "fp32")
+        assert (doc["loss_first"], doc["loss_last"]) == (ref["loss_first"], ref["loss_last"])
     if split:
         assert 0.0 <= doc["summary"]["dice"]["mean"] <= 1.0
     state = torch.load(tmp_path / precision / "model_final.pt", weights_only=True)

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +12,7 @@ import torch
 from asa3d.config_sections import DataConfig, ModelConfig, PreprocessConfig
 from asa3d.eval.evaluate import EvaluateConfig, GridConfig, InitSpec, run_grid
 from asa3d.eval.finetune import FinetuneTrainConfig, InferenceConfig
+from chromium_dom import chromium_dom, chromium_screenshot
 
 
 def grid_cfg(root: Path, inits: list[InitSpec], **grid) -> EvaluateConfig:
@@ -38,7 +36,7 @@ class FakeRunner:
         self.calls: list[tuple[str, int, int]] = []
         self.crash_at = crash_at
 
-    def __call__(self, cfg, run_dir, ids, train_index, test_index):
+    def __call__(self, cfg, run_dir, ids, train_index, test_index, progress=None):
         if self.crash_at is not None and len(self.calls) == self.crash_at:
             raise KeyboardInterrupt("simulated crash")
         self.calls.append((cfg.init.source, cfg.train.seed, len(ids)))
@@ -72,8 +70,15 @@ def test_grid_resumes_without_recomputing_finished_cells(phantom_dataset, tmp_pa
     assert len(subsets["0"]["0.5"]) == 2 and subsets["0"]["1"][:2] == subsets["0"]["0.5"]
 
 
-def _chromium() -> str | None:
-    return shutil.which("chromium") or shutil.which("chromium-browser")
+def test_grid_refuses_to_reuse_cells_run_with_another_config(phantom_dataset, tmp_path):
+    from asa3d.config import ConfigError
+
+    cfg = grid_cfg(phantom_dataset, [InitSpec("scratch")], modes=["finetune"], fractions=[1.0], seeds=[0])
+    cfg.grid.plots = cfg.grid.report = False
+    run_grid(cfg, tmp_path, runner=FakeRunner())
+    cfg.train.iterations = 5  # same --out, other settings: the old result must not be passed off
+    with pytest.raises(ConfigError, match="another configuration"):
+        run_grid(cfg, tmp_path, runner=FakeRunner())
 
 
 def test_tiny_grid_end_to_end_with_report(phantom_dataset, tmp_path):
@@ -104,10 +109,18 @@ def test_tiny_grid_end_to_end_with_report(phantom_dataset, tmp_path):
     assert len(list((out / "cells").glob("*/result.json"))) == 16
     assert not list((out / "cells").glob("*/run/model_final.pt"))  # dropped unless grid.keep_models
     table = (out / "table.md").read_text().splitlines()
-    rows = [r for r in table if r.startswith("| scratch") or r.startswith("| asa")]
+    rows = [
+        r
+        for r in table
+        if r.startswith(("| scratch | finetune", "| scratch | probe", "| asa | f", "| asa | p"))
+    ]
     assert len(rows) == 8 and "Avg" in table[2]
+    assert "| asa | state-dict | 126/126 | none |" in table  # weight transfer: nothing untrained
     stats = json.loads((out / "stats.json").read_text())["comparisons"]
-    assert len(stats) == 4 and all(c["n"] == 4 for c in stats)  # 2 test cases x 2 seeds per comparison
+    assert len(stats) == 4 and all(
+        c["n"] == 2 and c["n_seeds"] == 2 for c in stats
+    )  # 2 test cases, each averaged over 2 seeds
+    assert all(c["p_holm"] >= c["p_value"] for c in stats)  # Holm over the 4 comparisons
     res = json.loads(next((out / "cells").glob("asa__finetune__f100__s0/result.json")).read_text())
     assert res["transfer"]["n_matched"] == 157  # all 159 keys but out.*
     assert res["transfer"]["expected_matched"] == res["transfer"]["expected"] == 126  # swinViT only
@@ -118,34 +131,10 @@ def test_tiny_grid_end_to_end_with_report(phantom_dataset, tmp_path):
 
 
 def _render_in_chromium(html: Path, tmp_path: Path) -> None:
-    exe = _chromium()
-    if exe is None:
-        if os.environ.get("ASA3D_REQUIRE_CHROMIUM") == "1":
-            pytest.fail("chromium not found (apt-get install -y chromium) and ASA3D_REQUIRE_CHROMIUM=1")
-        pytest.skip("chromium not installed: the report was written but not rendered")
-    flags = [
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--no-first-run",
-        f"--user-data-dir={tmp_path / 'chr'}",
-    ]
-    dom = subprocess.run(
-        [exe, *flags, "--dump-dom", html.as_uri()], capture_output=True, text=True, timeout=120
-    )
-    assert dom.returncode == 0, dom.stderr[-2000:]
-    assert dom.stdout.count("<table") >= 2 and dom.stdout.count('src="data:image/png;base64,') >= 4
-    assert "scratch" in dom.stdout and "Avg" in dom.stdout
-    shot = tmp_path / "shot.png"
-    subprocess.run(
-        [exe, *flags, f"--screenshot={shot}", "--window-size=1200,2000", html.as_uri()],
-        capture_output=True,
-        timeout=120,
-        check=True,
-    )
+    dom = chromium_dom(html, tmp_path)
+    assert dom.count("<table") >= 2 and dom.count('src="data:image/png;base64,') >= 4
+    assert "scratch" in dom and "Avg" in dom
+    shot = chromium_screenshot(html, tmp_path, "1200,2000")
     import matplotlib.image as mpimg
 
     px = mpimg.imread(str(shot))

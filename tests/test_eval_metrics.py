@@ -1,4 +1,5 @@
-"""Dice / HD95 / NSD conventions on small hand-made arrays; label fractions; paired statistics."""
+"""Dice / HD95 / NSD conventions on small hand-made arrays; label fractions (statistics:
+test_eval_stats.py)."""
 
 from __future__ import annotations
 
@@ -6,11 +7,9 @@ import math
 
 import numpy as np
 import pytest
-from scipy import stats as sstats
 
-from asa3d.eval.metrics import btcv_paper_columns, case_metrics, json_safe, nanmean
+from asa3d.eval.metrics import btcv_paper_columns, case_metrics, json_safe, mean_over_classes, nanmean
 from asa3d.eval.splits import nested_subsets, subset_size
-from asa3d.eval.stats import bootstrap_ci, paired_test
 
 
 def _arrays():
@@ -82,6 +81,79 @@ def test_btcv_columns_ag_is_mean_of_adrenals():
     assert cols["Vins"] == vals["portal vein and splenic vein"]
 
 
+CANONICAL = {
+    "Spl": "spleen",
+    "RKid": "right_kidney",
+    "LKid": "left_kidney",
+    "Gall": "gallbladder",
+    "Eso": "esophagus",
+    "Liv": "liver",
+    "Sto": "stomach",
+    "Aor": "aorta",
+    "IVC": "ivc",
+    "Vins": "portal_splenic_veins",
+    "Pan": "pancreas",
+}
+
+
+@pytest.mark.parametrize(
+    "col,spelling",
+    [
+        ("RKid", "Kidney (right)"),
+        ("LKid", "kidney_left"),
+        ("IVC", "Inferior Vena Cava"),
+        ("IVC", "postcava"),
+        ("Vins", "portal_and_splenic_vein"),
+        ("Vins", "Portal and Splenic Veins"),
+        ("Vins", "portal vein"),
+        ("Vins", "portal-splenic veins"),
+        ("Eso", "Oesophagus"),
+        ("Gall", "gall bladder"),
+        ("AG", "adrenal gland right"),
+        ("AG", "Adrenal-Gland-Left"),
+        ("AG", "right adrenal"),
+    ],
+)
+def test_btcv_columns_find_each_spelling_by_name_not_position(col: str, spelling: str) -> None:
+    # classes rotated by one with distinct values: the position fallback would pick a wrong one
+    items = list(CANONICAL.items())
+    classes = dict(items[1:] + items[:1]) | {"RAG": "right_adrenal", "LAG": "left_adrenal"}
+    vals = {name: 0.1 + 0.05 * i for i, name in enumerate(classes.values())}
+    if col == "AG":
+        old = "right_adrenal" if "right" in spelling.lower() else "left_adrenal"
+        other = "left_adrenal" if old == "right_adrenal" else "right_adrenal"
+        want = (vals[old] + vals[other]) / 2
+    else:
+        old = CANONICAL[col]
+        want = vals[old]
+    renamed = {(spelling if k == old else k): v for k, v in vals.items()}
+    cols = btcv_paper_columns(renamed)
+    assert cols[col] == pytest.approx(want)
+    for other, name in CANONICAL.items():  # every other column still found by its name
+        if other != col:
+            assert cols[other] == pytest.approx(vals[name]), other
+    assert cols["Avg"] == pytest.approx(np.mean([v for k, v in cols.items() if k != "Avg"]))
+
+
+def test_btcv_columns_fall_back_to_label_order_and_ag_ignores_a_missing_adrenal() -> None:
+    vals = {f"class{i}": 0.1 * i for i in range(1, 12)}  # names that match nothing: BTCV order
+    cols = btcv_paper_columns(vals)
+    assert [cols[c] for c in CANONICAL] == pytest.approx([0.1 * i for i in range(1, 12)])
+    assert np.isnan(cols["AG"])  # no adrenal found
+    assert cols["Avg"] == pytest.approx(np.mean([0.1 * i for i in range(1, 12)]))
+    short = btcv_paper_columns({"class1": 0.5})
+    assert short["Spl"] == 0.5 and np.isnan(short["Pan"])
+    one = btcv_paper_columns({**{v: 0.5 for v in CANONICAL.values()}, "left_adrenal": 0.3})
+    assert one["AG"] == pytest.approx(0.3)
+
+
+def test_mean_over_classes_leaves_out_none_nan_and_merged_regions() -> None:
+    per_class = {"liver": 0.5, "spleen": None, "kidney": 0.7, "gland": float("nan"), "merged": 0.1}
+    assert mean_over_classes(per_class, exclude=["merged"]) == pytest.approx(0.6)
+    assert mean_over_classes(per_class) == pytest.approx((0.5 + 0.7 + 0.1) / 3)
+    assert np.isnan(mean_over_classes({"a": None}))
+
+
 def test_json_safe():
     assert json_safe({"a": [float("nan"), 1.0, np.float32(2)]}) == {"a": [None, 1.0, 2.0]}
 
@@ -98,21 +170,41 @@ def test_label_fractions_nested_and_seeded():
     assert subset_size(3, 0.05) == 1 and subset_size(7, 0.5) == 4
 
 
-def test_wilcoxon_matches_scipy_and_hand_case():
-    # all 6 differences positive, distinct: W- = 0; exact two-sided p = 2 / 2**6
-    a = [0.9, 0.8, 0.85, 0.7, 0.95, 0.6]
-    b = [0.8, 0.75, 0.70, 0.5, 0.94, 0.3]
-    r = paired_test(a, b, n_boot=2000)
-    assert r["p_value"] == pytest.approx(2 / 64)
-    assert r["p_value"] == pytest.approx(sstats.wilcoxon(a, b).pvalue)
-    md = np.mean(np.subtract(a, b))
-    assert r["mean_diff"] == pytest.approx(md)
-    assert r["ci95"][0] <= md <= r["ci95"][1]
-    assert r["n"] == 6
+def test_case_metrics_refusals_and_default_metric() -> None:
+    gt = np.zeros((3, 3, 3), np.uint8)
+    with pytest.raises(ValueError) as e:
+        case_metrics(gt, gt, 2, metrics=["dice", "iou", "assd"])
+    assert str(e.value) == "unknown metric(s) ['assd', 'iou']; choose from ['dice', 'hd95', 'nsd']"
+    with pytest.raises(ValueError) as e:
+        case_metrics(gt[:2], gt, 2)
+    assert str(e.value) == "prediction shape (2, 3, 3) differs from ground truth (3, 3, 3)"
+    gt[1, 1, 1] = 1
+    assert case_metrics(gt, gt, 2) == {"dice": [1.0]}  # dice only unless asked
 
 
-def test_paired_test_drops_nan_pairs_and_ci():
-    r = paired_test([1.0, float("nan"), 0.5], [0.5, 0.2, float("nan")])
-    assert r["n"] == 1
-    lo, hi = bootstrap_ci([0.1, 0.2, 0.3, 0.4], n_boot=4000)
-    assert lo <= 0.25 <= hi and lo >= 0.1 and hi <= 0.4
+def test_hd95_empty_side_is_the_anisotropic_diagonal_and_nsd_uses_the_tolerance() -> None:
+    gt = np.zeros((5, 4, 3), np.uint8)
+    gt[1, 1, 1] = 1
+    pred = np.zeros_like(gt)
+    pred[1, 1, 1] = 2  # class 1 missed, class 2 hallucinated
+    m = case_metrics(pred, gt, 3, spacing=(2.0, 1.0, 3.0), metrics=["hd95", "nsd"])
+    diag = math.sqrt(10.0**2 + 4.0**2 + 9.0**2)
+    assert m["hd95"] == [pytest.approx(diag), pytest.approx(diag)]
+    assert m["nsd"] == [0.0, 0.0]
+    # a one-voxel (1 mm) shift: within a 2 mm tolerance every surface point is close, within 0.5 mm none
+    gt = np.zeros((8, 8, 8), np.uint8)
+    gt[2:5, 2:5, 2:5] = 1
+    shifted = np.roll(gt, 1, axis=0)
+    assert case_metrics(shifted, gt, 2, metrics=["nsd"])["nsd"] == [pytest.approx(1.0)]
+    low = case_metrics(shifted, gt, 2, metrics=["nsd"], nsd_tolerance_mm=0.5)["nsd"][0]
+    assert low < 0.9
+
+
+def test_json_safe_and_nanmean_edges() -> None:
+    tree = {"a": (1.5, float("inf")), "b": {"c": -float("inf"), "d": np.int64(3)}, "e": "x", "f": None}
+    out = json_safe(tree)
+    assert out == {"a": [1.5, None], "b": {"c": None, "d": 3}, "e": "x", "f": None}
+    assert type(out["b"]["d"]) is int and type(out["a"]) is list
+    assert json_safe(np.float64("nan")) is None and json_safe(np.float32(0.5)) == 0.5
+    assert nanmean([None, 1.0, float("nan"), 3.0]) == 2.0
+    assert math.isnan(nanmean([])) and math.isnan(nanmean([None, float("nan")]))

@@ -11,6 +11,9 @@ from monai.networks.nets import SwinUNETR
 from asa3d.config_sections import ModelConfig
 from asa3d.eval.probe import StrictLinearProbe, prepare_model, trainable_parameters
 from asa3d.eval.transfer import InitConfig, TransferError, build_model, init_model
+from asa3d.models.backbones import default_spec
+
+SPEC3 = default_spec(ModelConfig(feature_size=12), 3)
 
 
 def _model(out: int = 3, seed: int = 0) -> SwinUNETR:
@@ -44,7 +47,6 @@ def test_asa3d_style_export_and_state_dict(tmp_path):
         m.state_dict()["swinViT.patch_embed.proj.weight"], state["swinViT.patch_embed.proj.weight"]
     )
     # safetensors export with sidecar: the whole backbone (all but out.*) is expected
-    pytest.importorskip("safetensors")
     from safetensors.torch import save_file
 
     save_file(state, str(tmp_path / "e.safetensors"))
@@ -128,7 +130,7 @@ def _grads(net, x):
 @pytest.mark.parametrize("freeze_encoders", [False, True])
 def test_probe_freezes_encoder_and_gradients_reach_exactly_the_trainable(freeze_encoders):
     m = _model()
-    net = prepare_model(m, "probe", 3, freeze_encoders=freeze_encoders)
+    net = prepare_model(m, SPEC3, "probe", freeze_encoders=freeze_encoders)
     trainable = set(trainable_parameters(net))
     assert trainable and not any(n.startswith("model.swinViT.") for n in trainable)
     if freeze_encoders:
@@ -148,7 +150,7 @@ def test_probe_freezes_encoder_and_gradients_reach_exactly_the_trainable(freeze_
 
 
 def test_strict_linear_probe_trains_only_the_1x1x1_conv():
-    net = prepare_model(_model(), "strict_linear", 3, stages=[0, 2, 4])
+    net = prepare_model(_model(), SPEC3, "strict_linear", stages=[0, 2, 4])
     assert isinstance(net, StrictLinearProbe)
     assert set(trainable_parameters(net)) == {"head.weight", "head.bias"}
     assert net.head.kernel_size == (1, 1, 1) and net.head.in_channels == 12 + 48 + 192

@@ -53,7 +53,7 @@ def test_shuffle_bijection_and_targets(g: int) -> None:
 
 
 def test_shuffle_trivial_predictor_variance() -> None:
-    # The constant-0 predictor's MSE is the target variance: 3.86 at G=8 (spec §5.3), 5.0 at G=4.
+    # The constant-0 predictor's MSE is the target variance: 3.86 at G=8 (docs/methods/asa.md), 5.0 at G=4.
     for g, expected in [(8, 3.857), (4, 5.0)]:
         sh = shuffle_blocks(torch.zeros(1, 1, 8 * g, 8 * g, 8 * g), 8, generator=_gen())
         assert sh.target3d.pow(2).mean().item() == pytest.approx(expected, abs=1e-3)

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -104,14 +106,21 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
+def closest(key: str, valid: Sequence[str] | Mapping[str, Any]) -> list[str]:
+    """The valid key nearest to a misspelt one (difflib's ratio >= 0.6), or []."""
+    return difflib.get_close_matches(str(key), [str(v) for v in valid], n=1, cutoff=0.6)
+
+
 def from_dict(cls: type[T], data: Mapping[str, Any], where: str = "config") -> T:
     """Build dataclass ``cls`` from ``data``, refusing unknown keys and listing the valid ones."""
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(data) - set(fields))
     if unknown:
+        hints = [f"{k!r} -> did you mean {m[0]!r}?" for k in unknown if (m := closest(k, fields))]
         raise ConfigError(
-            f"{where}: unknown key(s) {unknown}. Valid keys: {sorted(fields)}. "
-            "Check the spelling, or see docs/configuration.md."
+            f"{where}: unknown key(s) {unknown}. "
+            + (" ".join(hints) + " " if hints else "")
+            + f"Valid keys: {sorted(fields)}. Check the spelling, or see docs/configuration.md."
         )
     hints = typing.get_type_hints(cls)
     kwargs = {}
@@ -154,11 +163,29 @@ def resolve_config_path(path: str | Path) -> Path:
     raise ConfigError(f"config file {path!r} not found (also looked in {CONFIG_DIR}).")
 
 
+class YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, plus YAML 1.2's exponent floats without a dot (``3e-3``, ``1E5``):
+    YAML 1.1, which PyYAML implements, reads them as strings, so ``train.lr=3e-3`` was refused
+    as "not a float"."""
+
+
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` with :class:`YamlLoader`: what every config text goes through."""
+    return yaml.load(text, Loader=YamlLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML config; ``_base_: other.yaml`` (relative to this file) is merged underneath."""
     p = resolve_config_path(path)
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = load_yaml(p.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{p}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):
@@ -188,7 +215,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not parts:
         raise ConfigError(f"override {text!r} has an empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return parts, value
@@ -218,23 +245,29 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
 
 
 def save_config(cfg: Any, path: str | Path) -> Path:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    return p
+    from asa3d.atomic import atomic_write_text
+
+    return atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
-def describe(cls: type, prefix: str = "") -> list[str]:
-    """One ``key = default  # type`` line per leaf field, for ``--help`` output and docs."""
+def describe(cls: type | Any, prefix: str = "") -> list[str]:
+    """One ``key = value  (type)`` line per leaf field, for ``--help`` output and docs.
+
+    ``cls`` is a config class (its dataclass defaults are shown) or a loaded config (its values
+    are shown: what a run with that file would use)."""
+    obj = None if isinstance(cls, type) else cls
+    schema = type(obj) if obj is not None else cls
     lines: list[str] = []
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
+    hints = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
         tp = hints[f.name]
         key = f"{prefix}{f.name}"
         if dataclasses.is_dataclass(tp):
-            lines += describe(tp, key + ".")
+            lines += describe(getattr(obj, f.name) if obj is not None else tp, key + ".")
             continue
-        if f.default is not dataclasses.MISSING:
+        if obj is not None:
+            default = to_dict(getattr(obj, f.name))
+        elif f.default is not dataclasses.MISSING:
             default = f.default
         elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
             default = to_dict(f.default_factory())  # type: ignore[misc]

@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from asa3d.atomic import atomic_write_text
 from asa3d.config import load_config
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,7 @@ def run_demo(
     t = _step("2/6 data summary")
     rep = summarize(load_datalist(ds_json, split="all"))
     print(format_summary(rep))
-    (out / "data_summary.json").write_text(json.dumps(rep, indent=1, default=str))
+    atomic_write_text(out / "data_summary.json", json.dumps(rep, indent=1, default=str))
     _done(t, "summary written to data_summary.json")
 
     root = [f"data.root={ds_json}"]
@@ -111,7 +112,7 @@ def run_demo(
 
     t = _step("5/6 export the teacher backbone")
     export = out / "asa_teacher.safetensors"
-    export_checkpoint(ckpt, export)
+    export_checkpoint(ckpt, export, overwrite=True)  # derived from this demo's checkpoint: a rerun redoes it
     _done(t, f"{export} (+ .json sidecar)")
 
     t = _step(f"6/6 fine-tune on the phantom labels ({finetune_iterations} iterations): scratch vs ASA")
@@ -140,15 +141,16 @@ def run_demo(
         "Demo scale: a few minutes of CPU pretraining is not expected to beat scratch by a margin;\n"
         "`asa3d evaluate` runs the full protocol (fractions x seeds, paired statistics).\n\n"
     )
-    (out / "dice_table.md").write_text(note + table)
-    (out / "results.json").write_text(
+    atomic_write_text(out / "dice_table.md", note + table)
+    atomic_write_text(
+        out / "results.json",
         json.dumps(
             {
                 k: {"summary": v["summary"], "loss_first": v["loss_first"], "loss_last": v["loss_last"]}
                 for k, v in results.items()
             },
             indent=1,
-        )
+        ),
     )
     print("\n" + note + table)
     print(f"demo finished in {time.time() - t_all:.0f} s; everything is in {out}")
@@ -172,6 +174,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "demo",
         help="the whole pipeline on the embedded phantom (about 10 minutes on 2 CPU cores)",
         description=__doc__,
+        epilog="examples:\n  asa3d demo --out runs/demo\n"
+        "  asa3d demo --out runs/demo_quick --n 6 --finetune-iterations 20",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo; reruns resume)")

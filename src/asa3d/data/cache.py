@@ -5,7 +5,10 @@ Layout: ``<cache_dir>/<case id>-<key>/{image.b2nd, label.b2nd, fg.npy, meta.json
 preprocessing contract and the storage format, so editing a scan or changing a parameter gives a
 new entry and the stale one is never read. Each entry is written into a temporary folder and
 renamed into place (atomic on one filesystem): an interrupted build leaves only complete entries,
-and the next build reuses them.
+and the next build reuses them (and removes the temporary folders of writers that died). Each
+entry's ``meta.json`` records a blake2b checksum of every array file; it is verified the first
+time a process opens the entry, so flipped bytes or a truncated file are found and the entry
+rebuilt (``ensure_cache``) or refused with the file named (a reader), never decoded wrongly.
 
 Storage: blosc2 NDArrays (chunked + compressed, as nnU-Net v2 stores its preprocessed data), so a
 crop decodes only the chunks it touches. The image in [0, 1] is quantised to uint16 (step 1/65535,
@@ -16,6 +19,7 @@ a class index exceeds 255).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -23,27 +27,68 @@ import multiprocessing as mp
 import os
 import re
 import shutil
+import socket
+import sys
+import threading
+import time
 import uuid
-from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from asa3d.atomic import atomic_write_text
 from asa3d.config_sections import PreprocessConfig
 from asa3d.data.datalist import Datalist
 from asa3d.data.errors import DataError
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = "asa3d-cache/1"
+CACHE_FORMAT = "asa3d-cache/2"  # 2: per-file checksums in meta.json
 INDEX_FORMAT = "asa3d-cache-index/1"
 UINT16_SCALE = 1.0 / 65535.0
 CHUNKS = (64, 64, 64)  # about one 96^3 crop touches 8-27 chunks; whole reads are unaffected
 BLOCKS = (32, 32, 32)
 MAX_FG_COORDS = 20000  # foreground voxel sample per case, for label-balanced crops
 HASH_CHUNK = 1 << 22
+ARRAY_FILES = ("image.b2nd", "label.b2nd", "fg.npy")
+TMP_PREFIX = ".tmp-"  # .tmp-<entry>-<host>-<pid>-<rand>: an entry being written
+STALE_TMP_AGE_S = 24 * 3600  # another host's temporary entry older than this is abandoned
+_VERIFIED: set[tuple[str, int, int]] = set()  # (file, size, mtime_ns) checked in this process
+
+
+def file_checksum(path: Path) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as fh:
+        while block := fh.read(HASH_CHUNK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_entry_files(entry_dir: Path, checksums: dict[str, str]) -> str | None:
+    """None when every array file of an entry matches its recorded checksum, else why not.
+    Each file is hashed once per process (keyed by size and mtime)."""
+    if not checksums:
+        return "no checksums recorded"
+    for name, expected in checksums.items():
+        f = entry_dir / name
+        try:
+            st = f.stat()
+        except OSError:
+            return f"{f} is missing"
+        key = (str(f), st.st_size, st.st_mtime_ns)
+        if key in _VERIFIED:
+            continue
+        try:
+            got = file_checksum(f)
+        except OSError as exc:
+            return f"{f} cannot be read ({exc})"
+        if got != expected:
+            return f"{f} does not match its checksum (flipped bytes or a truncated file)"
+        _VERIFIED.add(key)
+    return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -117,11 +162,27 @@ class CachedCase:
     label_values: list[int] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     stats: dict[str, float] = field(default_factory=dict)
+    checksums: dict[str, str] = field(default_factory=dict)  # array file name -> blake2b
 
     def _open(self, name: str):
         import blosc2
 
-        return blosc2.open(str(self.dir / name), mode="r")
+        problem = verify_entry_files(self.dir, self.checksums)
+        if problem is not None:
+            raise DataError(
+                f"cache entry of case {self.id!r} is damaged: {problem}. Run `asa3d data prepare` with "
+                "the same data settings (it rebuilds damaged entries), or delete the folder "
+                f"{self.dir}.",
+                self.dir / name,
+            )
+        try:
+            return blosc2.open(str(self.dir / name), mode="r")
+        except Exception as exc:  # blosc2 raises bare RuntimeError/ValueError on damaged files
+            raise DataError(
+                f"{self.dir / name}: cannot decode this cache file ({type(exc).__name__}: {exc}). "
+                f"Delete {self.dir} and run `asa3d data prepare` again.",
+                self.dir / name,
+            ) from None
 
     def image(self, slices: tuple[slice, ...] | None = None) -> np.ndarray:
         arr = self._open("image.b2nd")
@@ -145,7 +206,7 @@ class CachedCase:
             "spacing": list(self.spacing), "affine": np.asarray(self.affine).tolist(), "source": self.source,
             "source_affine": np.asarray(self.source_affine).tolist(), "source_shape": list(self.source_shape),
             "label_source": self.label_source, "has_label": self.has_label, "label_values": self.label_values,
-            "warnings": self.warnings, "stats": self.stats,
+            "warnings": self.warnings, "stats": self.stats, "checksums": self.checksums,
         }  # fmt: skip
 
     @classmethod
@@ -156,7 +217,7 @@ class CachedCase:
             source_affine=np.asarray(d["source_affine"]), source_shape=tuple(d["source_shape"]),
             label_source=d.get("label_source"), has_label=bool(d.get("has_label")),
             label_values=list(d.get("label_values") or []), warnings=list(d.get("warnings") or []),
-            stats=dict(d.get("stats") or {}),
+            stats=dict(d.get("stats") or {}), checksums=dict(d.get("checksums") or {}),
         )  # fmt: skip
 
 
@@ -206,7 +267,7 @@ class CacheIndex:
             except (OSError, json.JSONDecodeError):
                 pass  # a damaged index is rebuilt from the entries
         doc["datalists"][f"{self.name}/{self.split}"] = self.to_json()
-        _atomic_write_text(path, json.dumps(doc, indent=1))
+        atomic_write_text(path, json.dumps(doc, indent=1))
         return path
 
     @classmethod
@@ -235,12 +296,6 @@ class CacheIndex:
             split=e["split"],
             rejected=e.get("rejected", []),
         )
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _write_b2nd(array: np.ndarray, path: Path) -> None:
@@ -281,14 +336,74 @@ def lookup_entry(
 
 
 def _read_entry(final: Path, cache_dir: Path) -> CachedCase | None:
+    """The entry in ``final`` when it is complete and its checksums match; a damaged one is
+    removed (and so rebuilt by ``build_entry``), with a warning naming it."""
     meta_file = final / "meta.json"
     if not meta_file.is_file():
         return None
     try:
-        return CachedCase.from_json(json.loads(meta_file.read_text()), cache_dir)
-    except (OSError, json.JSONDecodeError, KeyError):
-        shutil.rmtree(final, ignore_errors=True)  # damaged: rebuilt by build_entry
-        return None
+        case = CachedCase.from_json(json.loads(meta_file.read_text()), cache_dir)
+        problem = verify_entry_files(final, case.checksums)
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        problem = f"{meta_file} is unreadable ({type(exc).__name__})"
+    if problem is None:
+        return case
+    log.warning("cache entry %s is damaged (%s): rebuilding it", final, problem)
+    shutil.rmtree(final, ignore_errors=True)
+    return None
+
+
+def _host_tag() -> str:
+    return _safe(socket.gethostname()).replace("-", "_")[:32]  # no "-": the tag is parsed back
+
+
+def _tmp_owner_tag() -> str:
+    return f"{_host_tag()}-{os.getpid()}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_entries(cache_dir: Path) -> list[Path]:
+    """Delete what killed builders left in ``cache_dir``: temporary entry folders whose writer
+    (on this host) is dead, or that are older than a day (another host's), and the hidden
+    ``.*.tmp`` files of an interrupted ``index.json`` write.
+    Live writers' folders are kept, so concurrent builds of one cache stay safe."""
+    removed = []
+    host = _host_tag()
+    now = time.time()
+    for d in cache_dir.glob(TMP_PREFIX + "*"):
+        m = re.search(r"-(?P<host>[A-Za-z0-9_.]+)-(?P<pid>\d+)-[0-9a-f]{8}$", d.name)
+        try:
+            age = now - d.stat().st_mtime
+        except OSError:
+            continue
+        if m and m.group("host") == host:
+            stale = not _pid_alive(int(m.group("pid")))
+        else:
+            stale = age > STALE_TMP_AGE_S
+        if stale:
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    # an index.json write (asa3d.atomic's hidden .<name>.<random>.tmp) takes milliseconds: a temp
+    # file older than a minute is abandoned (a blanket remove_stale_tmp could hit a live writer's)
+    for p in cache_dir.glob(".index.json.*.tmp"):
+        with contextlib.suppress(OSError):
+            if now - p.stat().st_mtime > 60:
+                p.unlink()
+                removed.append(p)
+    if removed:
+        log.info(
+            "removed %d leftover temporary item(s) of an interrupted build in %s", len(removed), cache_dir
+        )
+    return removed
 
 
 def build_entry(
@@ -326,7 +441,7 @@ def build_entry(
             f"{item['image']}: preprocessing failed ({type(exc).__name__}: {exc}).", item["image"]
         ) from exc
 
-    tmp = cache_dir / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
+    tmp = cache_dir / f"{TMP_PREFIX}{final.name}-{_tmp_owner_tag()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     try:
         _write_b2nd(np.rint(np.clip(img, 0.0, 1.0) * 65535.0).astype(np.uint16), tmp / "image.b2nd")
@@ -344,8 +459,9 @@ def build_entry(
             source=str(item["image"]), source_affine=image.affine, source_shape=image.shape,
             label_source=str(label_path) if label_path else None, has_label=lab is not None,
             label_values=values, warnings=warns, stats=stats,
+            checksums={f: file_checksum(tmp / f) for f in ARRAY_FILES if (tmp / f).is_file()},
         )  # fmt: skip
-        (tmp / "meta.json").write_text(json.dumps(case.to_json(), indent=1))
+        (tmp / "meta.json").write_text(json.dumps(case.to_json(), indent=1))  # written last
         try:
             os.rename(tmp, final)  # the commit point
         except OSError:
@@ -367,10 +483,76 @@ def _worker(item, cfg, cache_dir, with_labels, classes):
         raise DataError(f"{item['image']}: {type(exc).__name__}: {exc}", item["image"]) from None
 
 
-def _init_worker() -> None:
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with(parent_pid: int) -> None:
+    """Make this worker exit when the process that started the build dies, even by SIGKILL (an
+    orphaned worker would keep decoding and writing, about 1 GB each). Linux: the kernel sends
+    SIGKILL when our parent (the fork server, which exits with the main process) goes; everywhere:
+    a watchdog thread polls the main process."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(Exception):
+            import ctypes
+            import signal
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+    def watch() -> None:
+        while True:
+            time.sleep(0.5)
+            if not _pid_alive(parent_pid) or os.getppid() == 1:
+                os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="asa3d-parent-watchdog").start()
+
+
+def _init_worker(parent_pid: int) -> None:
     import torch
 
+    _die_with(parent_pid)
     torch.set_num_threads(1)  # one process per core; intra-op threads would oversubscribe
+
+
+def _progress_bar(total: int, enabled: bool, desc: str):
+    from tqdm.auto import tqdm
+
+    # disable=None: a bar on a terminal only, so logs and CI output stay quiet
+    return tqdm(total=total, desc=desc, unit="scan", file=sys.stderr, disable=None if enabled else True)
+
+
+def _build_parallel(
+    datalist, todo, preprocess_cfg, cdir, with_labels, classes, workers, skip_bad, results, errors, bar
+) -> None:
+    # Not plain fork: forking a parent whose torch/OpenMP thread pool is running can deadlock.
+    # A fork server that has only imported the heavy modules forks workers quickly and safely.
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["asa3d.data.cache", "asa3d.data.preprocess"])
+    with ProcessPoolExecutor(
+        max_workers=min(workers, len(todo)), mp_context=ctx, initializer=_init_worker, initargs=(os.getpid(),)
+    ) as pool:
+        futures = {
+            pool.submit(_worker, datalist.items[i], preprocess_cfg, cdir, with_labels, classes): i
+            for i in todo
+        }
+        pending = set(futures)
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for f in done:
+                i = futures[f]
+                exc = f.exception()
+                if exc is None:
+                    results[i] = f.result()
+                elif isinstance(exc, DataError):
+                    errors[i] = exc
+                else:
+                    errors[i] = DataError(f"{datalist.items[i]['image']}: {type(exc).__name__}: {exc}")
+                bar.update(1)
+            if errors and not skip_bad:
+                for f in pending:
+                    f.cancel()  # running ones finish (their writes are atomic)
+                break
 
 
 def build_cache(
@@ -380,10 +562,12 @@ def build_cache(
     workers: int = 1,
     skip_bad: bool = False,
     with_labels: bool = False,
+    progress: bool = False,
 ) -> CacheIndex:
     """Preprocess every case of ``datalist`` into ``cache_dir`` (reusing valid entries).
 
-    ``workers`` > 1 builds in that many processes. A bad scan raises ``DataError`` naming the file
+    ``workers`` > 1 builds in that many processes (which die with this one). ``progress``: a
+    tqdm bar with ETA on stderr (shown only on a terminal). A bad scan raises ``DataError`` naming the file
     (entries already written stay), or with ``skip_bad`` is recorded in ``index.rejected``.
     """
     cdir = Path(cache_dir).expanduser()
@@ -395,6 +579,7 @@ def build_cache(
             "writable folder.",
             cdir,
         ) from None
+    remove_stale_entries(cdir)
     classes = sorted(datalist.label_names) if datalist.label_names else None
     n = len(datalist.items)
     results: list[tuple[CachedCase, bool] | None] = [None] * n
@@ -414,45 +599,37 @@ def build_cache(
         else:
             todo.append(i)
 
-    if workers <= 1 or len(todo) <= 1:
-        for i in todo:
-            item = datalist.items[i]
-            try:
-                results[i] = _worker(item, preprocess_cfg, cdir, with_labels, classes)
-            except DataError as exc:
-                if not skip_bad:
-                    raise
-                errors[i] = exc
-    else:
-        # Not plain fork: forking a parent whose torch/OpenMP thread pool is running can deadlock.
-        # A fork server that has only imported the heavy modules forks workers quickly and safely.
-        ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(["asa3d.data.cache", "asa3d.data.preprocess"])
-        with ProcessPoolExecutor(
-            max_workers=min(workers, len(todo)), mp_context=ctx, initializer=_init_worker
-        ) as pool:
-            futures = {
-                pool.submit(_worker, datalist.items[i], preprocess_cfg, cdir, with_labels, classes): i
-                for i in todo
-            }
-            pending = set(futures)
-            while pending:
-                done, pending = wait(pending, return_when=FIRST_EXCEPTION)
-                for f in done:
-                    i = futures[f]
-                    exc = f.exception()
-                    if exc is None:
-                        results[i] = f.result()
-                    elif isinstance(exc, DataError):
-                        errors[i] = exc
-                    else:
-                        errors[i] = DataError(f"{datalist.items[i]['image']}: {type(exc).__name__}: {exc}")
-                if errors and not skip_bad:
-                    for f in pending:
-                        f.cancel()  # running ones finish (their writes are atomic)
-                    break
-        if errors and not skip_bad:
-            raise errors[min(errors)]
+    bar = _progress_bar(len(todo), progress, f"caching {datalist.name}")
+    try:
+        if workers <= 1 or len(todo) <= 1:
+            for i in todo:
+                item = datalist.items[i]
+                bar.set_postfix_str(item["id"], refresh=False)
+                try:
+                    results[i] = _worker(item, preprocess_cfg, cdir, with_labels, classes)
+                except DataError as exc:
+                    if not skip_bad:
+                        raise
+                    errors[i] = exc
+                bar.update(1)
+        else:
+            _build_parallel(
+                datalist,
+                todo,
+                preprocess_cfg,
+                cdir,
+                with_labels,
+                classes,
+                workers,
+                skip_bad,
+                results,
+                errors,
+                bar,
+            )
+            if errors and not skip_bad:
+                raise errors[min(errors)]
+    finally:
+        bar.close()
 
     rejected = []
     for i, exc in sorted(errors.items()):

@@ -11,13 +11,14 @@ import torch
 from torch.utils.data import Dataset
 
 from asa3d.data.cache import CacheIndex
-from asa3d.methods.base import SampleSpec
+from asa3d.data.sampling import SampleSpec
 
 
-def _crop_window(
+def crop_window(
     shape: Sequence[int], size: Sequence[int], rng: np.random.Generator, centre: Sequence[int] | None = None
 ) -> tuple[tuple[slice, ...], list[tuple[int, int]]]:
-    """Source slices and (before, after) zero padding for a ``size`` crop of a volume of ``shape``.
+    """Source slices and (before, after) zero padding for a ``size`` crop of an array of ``shape``
+    (any number of axes: the 3D cache and 2D images, ``asa3d.data.dataset2d``, share it).
 
     Like MONAI ``SpatialPad`` (symmetric) + ``RandSpatialCrop``, but computed on indices so only the
     chunks under the crop are decoded.
@@ -41,7 +42,8 @@ class CachedVolumeDataset(Dataset):
     ``spec.mode == "whole"``: the full cached volume. ``"crop"``: a ``spec.crop_size`` crop (zero
     padded first where the volume is smaller), drawn from ``default_rng([seed, epoch, idx])`` so a
     resumed run repeats its crops; ``balanced``: half the crops (pos/neg 1:1) are centred on a
-    foreground voxel (labels required).
+    foreground voxel (labels required). ``spec.views > 1``: that many crops of the same volume,
+    stacked to (views, 1, ...); ``spec.spatial_dims == 2``: axial slices (1, x, y) at a random z.
     """
 
     def __init__(
@@ -77,32 +79,51 @@ class CachedVolumeDataset(Dataset):
 
     @property
     def collate_fn(self):
-        """``collate_volumes`` that stacks in crop mode and always lists in whole mode."""
-        return functools.partial(collate_volumes, stack=self.spec.mode == "crop")
+        """``collate_volumes`` that stacks crops (and 2D slices) and always lists whole volumes."""
+        return functools.partial(
+            collate_volumes, stack=self.spec.mode == "crop" or self.spec.spatial_dims == 2
+        )
 
     def __getitem__(self, idx: int) -> dict[str, Any]:
         case = self.index.cases[idx]
         out: dict[str, Any] = {"id": case.id}
-        if self.spec.mode == "whole":
-            img = case.image()
-            lab = case.label() if self.with_labels else None
-        else:
-            rng = np.random.default_rng([self.seed, self.epoch, idx])
-            centre = None
-            if self.balanced and rng.random() < 0.5:
-                fg = case.foreground_coords()
-                if len(fg):
-                    centre = fg[rng.integers(len(fg))]
-            slices, pads = _crop_window(case.shape, self.spec.crop_size, rng, centre)
-            img = case.image(slices)
-            lab = case.label(slices) if self.with_labels else None
-            if any(p != (0, 0) for p in pads):
-                img = np.pad(img, pads)
-                lab = np.pad(lab, pads) if lab is not None else None
-        out["image"] = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))[None]
-        if lab is not None:
-            out["label"] = torch.from_numpy(np.ascontiguousarray(lab).astype(np.int64))[None]
+        spec = self.spec
+        rng = np.random.default_rng([self.seed, self.epoch, idx])
+        imgs, labs = [], []
+        for _ in range(spec.views):  # views of ONE volume, drawn one after another from its rng
+            img, lab = self._draw(case, rng)
+            imgs.append(torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))[None])
+            if lab is not None:
+                labs.append(torch.from_numpy(np.ascontiguousarray(lab).astype(np.int64))[None])
+        out["image"] = imgs[0] if spec.views == 1 else torch.stack(imgs)
+        if labs:
+            out["label"] = labs[0] if spec.views == 1 else torch.stack(labs)
         return out
+
+    def _draw(self, case: Any, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray | None]:
+        """One view: the whole volume (or, 2D, a whole axial slice) or a seeded crop."""
+        spec = self.spec
+        two_d = spec.spatial_dims == 2
+        if spec.mode == "whole" and not two_d:
+            return case.image(), (case.label() if self.with_labels else None)
+        if spec.mode == "whole":
+            size: tuple[int, ...] = (case.shape[0], case.shape[1], 1)
+        else:
+            size = tuple(spec.crop_size) + ((1,) if two_d else ())  # a 2D crop is one z-slice thick
+        centre = None
+        if self.balanced and rng.random() < 0.5:
+            fg = case.foreground_coords()
+            if len(fg):
+                centre = fg[rng.integers(len(fg))]
+        slices, pads = crop_window(case.shape, size, rng, centre)
+        img = case.image(slices)
+        lab = case.label(slices) if self.with_labels else None
+        if any(p != (0, 0) for p in pads):
+            img = np.pad(img, pads)
+            lab = np.pad(lab, pads) if lab is not None else None
+        if two_d:
+            img, lab = img[..., 0], (lab[..., 0] if lab is not None else None)
+        return img, lab
 
 
 def collate_volumes(batch: Sequence[dict[str, Any]], stack: bool | None = None) -> dict[str, Any]:

@@ -49,8 +49,48 @@ class Volume:
         return "".join(nib.aff2axcodes(self.affine))
 
 
+DICOM_MAGIC_OFFSET = 128  # PS3.10 7.1: a 128-byte preamble, then "DICM"
+DICOM_PROBE_FILES = 3  # a folder is a series when one of its first regular files is DICOM
+
+
+def is_dicom_file(path: str | Path) -> bool:
+    """Recognise a DICOM file by its content, whatever its name (PACS exports often name slices
+    ``CT.1.3.12...`` without a ``.dcm`` suffix): the ``DICM`` magic after the preamble, else a
+    preamble-less file that pydicom parses into a dataset with a SOP Class UID."""
+    p = Path(path)
+    try:
+        with open(p, "rb") as fh:
+            head = fh.read(DICOM_MAGIC_OFFSET + 4)
+    except OSError:
+        return False
+    if head[DICOM_MAGIC_OFFSET:] == b"DICM":
+        return True
+    if len(head) < 8 or p.name.lower().endswith(IMAGE_SUFFIXES):
+        return False
+    try:
+        import pydicom
+
+        ds = pydicom.dcmread(str(p), stop_before_pixels=True, force=True)
+        return "SOPClassUID" in ds
+    except Exception:  # any parse failure means "not DICOM"
+        return False
+
+
+def is_dicom_dir(folder: str | Path) -> bool:
+    """A folder holding a DICOM series: ``.dcm`` files, or slices recognised by content."""
+    d = Path(folder)
+    try:
+        files = sorted(f for f in d.iterdir() if f.is_file() and not f.name.startswith("."))
+    except OSError:
+        return False
+    if any(f.suffix.lower() == ".dcm" for f in files):
+        return True
+    probe = [f for f in files if not f.name.lower().endswith(IMAGE_SUFFIXES + (".json", ".txt", ".md"))]
+    return any(is_dicom_file(f) for f in probe[:DICOM_PROBE_FILES])
+
+
 def volume_kind(path: str | Path) -> str:
-    """``nifti`` | ``itk`` | ``dicom`` (a folder) | ``unknown``."""
+    """``nifti`` | ``itk`` | ``dicom`` (a series folder, or one of its slices) | ``unknown``."""
     p = Path(path)
     name = p.name.lower()
     if p.is_dir():
@@ -59,7 +99,7 @@ def volume_kind(path: str | Path) -> str:
         return "nifti"
     if name.endswith(ITK_SUFFIXES):
         return "itk"
-    if name.endswith(".dcm"):
+    if name.endswith(".dcm") or is_dicom_file(p):
         return "dicom"
     return "unknown"
 
@@ -298,8 +338,8 @@ def read_volume(path: str | Path) -> Volume:
 
 
 def write_volume(volume_or_array, path: str | Path, affine: np.ndarray | None = None) -> Path:
-    """Write a volume as NIfTI (nibabel) or MHD/NRRD (SimpleITK), geometry preserved (for tests,
-    examples and exporting predictions)."""
+    """Write a volume as NIfTI (nibabel) or MHD/NRRD (SimpleITK), geometry preserved, atomically
+    (for tests, examples and exporting predictions)."""
     array = volume_or_array.array if isinstance(volume_or_array, Volume) else np.asarray(volume_or_array)
     affine = volume_or_array.affine if isinstance(volume_or_array, Volume) else affine
     if affine is None:
@@ -308,12 +348,20 @@ def write_volume(volume_or_array, path: str | Path, affine: np.ndarray | None = 
     p.parent.mkdir(parents=True, exist_ok=True)
     kind = volume_kind(p)
     if kind == "nifti":
+        import gzip
+
         import nibabel as nib
+
+        from asa3d.atomic import atomic_write_bytes
 
         img = nib.Nifti1Image(array, np.asarray(affine, dtype=float))
         img.set_qform(np.asarray(affine, dtype=float), code=1)
         img.set_sform(np.asarray(affine, dtype=float), code=1)
-        nib.save(img, str(p))
+        data = img.to_bytes()
+        # atomic: a killed writer never leaves a truncated file under the final name
+        atomic_write_bytes(
+            p, gzip.compress(data, compresslevel=6) if p.name.lower().endswith(".gz") else data
+        )
     elif kind == "itk":
         import SimpleITK as sitk
 
@@ -322,7 +370,11 @@ def write_volume(volume_or_array, path: str | Path, affine: np.ndarray | None = 
         image.SetOrigin(origin)
         image.SetSpacing(spacing)
         image.SetDirection(direction)
-        sitk.WriteImage(image, str(p), useCompression=True)
+        from asa3d.atomic import atomic_path
+
+        # a temp name in the same folder, then renamed (an .mhd's .raw first, its header last)
+        with atomic_path(p) as tmp:
+            sitk.WriteImage(image, str(tmp), useCompression=True)
     else:
         raise DataError(f"{p}: cannot write this file type; use .nii.gz, .mhd or .nrrd.", p)
     return p

@@ -19,6 +19,8 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
+from asa3d.atomic import atomic_path
+
 VIEWS = ("axial", "coronal", "sagittal")
 
 
@@ -169,8 +171,8 @@ def render_rows(
         fig.suptitle(suptitle, fontsize=10)
     fig.tight_layout(rect=(0, 0.06 if present and label_names else 0, 1, 1))
     out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=dpi)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=dpi)
     return out
 
 

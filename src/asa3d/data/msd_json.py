@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -14,11 +13,12 @@ def write_dataset_json(
     labels: Mapping[int, str],
     training: Sequence[Mapping[str, str]],
     validation: Sequence[Mapping[str, str]] = (),
-    test: Sequence[str] = (),
+    test: Sequence[str | Mapping[str, str]] = (),
     description: str = "",
     modality: str = "CT",
 ) -> Path:
-    """Write an MSD-style dataset.json. Entries hold paths relative to the json's folder."""
+    """Write an MSD-style dataset.json (atomically). Entries hold paths relative to the json's
+    folder; an optional ``id`` per entry is kept (asa3d reads it; other MSD readers ignore it)."""
     p = Path(path)
     doc: dict[str, Any] = {
         "name": name,
@@ -29,8 +29,8 @@ def write_dataset_json(
         "numTest": len(test),
         "training": [dict(e) for e in training],
         "validation": [dict(e) for e in validation],
-        "test": list(test),
+        "test": [e if isinstance(e, str) else dict(e) for e in test],
     }
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps(doc, indent=2))
-    return p
+    from asa3d.atomic import atomic_write_json
+
+    return atomic_write_json(p, doc, indent=2)

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from asa3d.atomic import atomic_path
 from asa3d.data.msd_json import write_dataset_json
 
 PHANTOM_LABELS: dict[int, str] = {
@@ -752,6 +753,9 @@ def write_phantom_dataset(
     if n < 1 or not 0 <= n_validation <= n:
         raise ValueError(f"need n >= 1 and 0 <= n_validation <= n, got n={n}, n_validation={n_validation}")
     out = Path(out_dir)
+    # dataset.json is the completion marker (written last, atomically): drop an old one first so
+    # a rewrite killed midway is never mistaken for a finished data set
+    (out / "dataset.json").unlink(missing_ok=True)
     (out / "imagesTr").mkdir(parents=True, exist_ok=True)
     (out / "labelsTr").mkdir(parents=True, exist_ok=True)
     entries = []
@@ -763,7 +767,8 @@ def write_phantom_dataset(
             img.header.set_xyzt_units("mm", "sec")
             img.header.set_qform(affine, code=1)
             img.header.set_sform(affine, code=1)
-            nib.save(img, out / sub / name)
+            with atomic_path(out / sub / name) as tmp:
+                nib.save(img, tmp)
         entries.append({"image": f"imagesTr/{name}", "label": f"labelsTr/{name}"})
     n_train = n - n_validation
     return write_dataset_json(

@@ -13,7 +13,7 @@ from asa3d.data.errors import DataError
 log = logging.getLogger(__name__)
 
 
-def summarize(datalist: Datalist) -> dict[str, Any]:
+def summarize(datalist: Datalist, progress: bool = False) -> dict[str, Any]:
     """Read and validate every case (image and label). Returns ``{"cases": [...], "rejected": [...],
     "label_names", "name", "split"}``; a case dict holds shape, spacing, orientation, dtype, HU stats
     and warnings."""
@@ -21,8 +21,16 @@ def summarize(datalist: Datalist) -> dict[str, Any]:
     from asa3d.data.validate import check_finite, hu_warning, validate_label
 
     classes = sorted(datalist.label_names) if datalist.label_names else None
+    import sys
+
+    from tqdm.auto import tqdm
+
     cases, rejected = [], []
-    for it in datalist.items:
+    # a bar with ETA on a terminal only (disable=None); quiet in logs and tests
+    bar = tqdm(
+        datalist.items, desc="reading", unit="scan", file=sys.stderr, disable=None if progress else True
+    )
+    for it in bar:
         try:
             vol = read_volume(it["image"])
             check_finite(vol)  # the HU check is listed in the report below, not logged

@@ -120,3 +120,18 @@ def validate_label(label: Volume, image: Volume, classes: Iterable[int] | None =
             "indices must be >= 0.",
             label.path,
         )
+
+
+def smaller_than_crop(shapes: dict[str, tuple[int, ...]], crop: tuple[int, ...]) -> list[str]:
+    """One message per case whose preprocessed volume is smaller than the training crop on some
+    axis: training zero-pads it (``asa3d.data.dataset``), which a user should know about."""
+    out = []
+    for case_id, shape in shapes.items():
+        short = [ax for ax, (s, c) in enumerate(zip(shape, crop, strict=False)) if s < c]
+        if short:
+            out.append(
+                f"case {case_id!r}: preprocessed shape {tuple(shape)} is smaller than the crop {tuple(crop)} "
+                f"on axis {', '.join(map(str, short))}; training zero-pads it (choose a finer "
+                "data.preprocess.spacing or a smaller train.crop_size to avoid padding)."
+            )
+    return out

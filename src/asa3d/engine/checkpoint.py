@@ -14,7 +14,6 @@ import pickle
 import random
 import re
 import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -22,12 +21,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from asa3d.atomic import atomic_write_with, fsync_dir
+from asa3d.models.backbones.spec import BackboneError, BackboneSpec
+
 log = logging.getLogger(__name__)
 
 FORMAT = "asa3d-checkpoint/1"
 CKPT_PATTERN = re.compile(r"^ckpt_r(\d+)_i(\d+)\.pt$")
 LAST = "last.pt"
-SWINUNETR_CLASS = "monai.networks.nets.SwinUNETR"
 
 
 class CheckpointError(Exception):
@@ -37,27 +38,63 @@ class CheckpointError(Exception):
 # --------------------------------------------------------------------------------------------
 # safe loading
 # --------------------------------------------------------------------------------------------
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_checkpoint(
+    path: str | Path, map_location: str | torch.device = "cpu", *, mmap: bool = False
+) -> dict[str, Any]:
     """Read a checkpoint with ``torch.load(weights_only=True)``.
 
     Anything that is not tensors and plain containers (e.g. a pickle whose ``__reduce__`` would
-    run code) is refused with a ``CheckpointError`` before the payload executes.
+    run code) is refused with a ``CheckpointError`` before the payload executes. ``mmap``: map the
+    tensors instead of reading them (a cheap check of a large file; zip-format files only).
     """
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"checkpoint {p} does not exist.")
     try:
-        obj = torch.load(p, map_location=map_location, weights_only=True)
+        obj = torch.load(p, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
+        raise CheckpointError(unpickling_message(p, exc)) from None
+    except Exception as exc:  # truncated / not a zip / not a torch file / unreadable
+        words = _own_words(exc)
         raise CheckpointError(
-            f"{p}: refused to load: it contains objects other than tensors and plain python values "
-            f"(a pickle that could run code). Only load checkpoints you trust. Detail: {str(exc)[:300]}"
+            f"{p}: not a readable checkpoint ({type(exc).__name__}{': ' + words if words else ''}). "
+            "Fix: check the path, or write the file again (it may be truncated or of another format)."
         ) from None
-    except Exception as exc:  # truncated / not a zip / not a torch file
-        raise CheckpointError(f"{p}: not a readable checkpoint ({type(exc).__name__}: {exc}).") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{p}: expected a dict, found {type(obj).__name__}.")
     return obj
+
+
+def _own_words(exc: BaseException, limit: int = 200) -> str:
+    """An exception's text, quoted in whole sentences up to ``limit`` characters, without torch's
+    advice to load with ``weights_only=False`` (asa3d never passes that advice on: it would run
+    whatever code the file carries)."""
+    text = " ".join(str(exc).split())
+    if "weights_only" in text:
+        return ""
+    kept = ""
+    for sentence in re.split(r"(?<=[.!?])\s+", text):
+        if len(kept) + len(sentence) + 1 > limit:
+            break
+        kept = f"{kept} {sentence}".strip()
+    if not kept and text:  # one long sentence: cut at a word boundary
+        kept = text[:limit].rsplit(" ", 1)[0] + " ..."
+    return kept
+
+
+def unpickling_message(path: str | Path, exc: BaseException) -> str:
+    """Our message for a file ``torch.load(weights_only=True)`` refused, naming what it found."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+    if found:
+        return (
+            f"{path}: refused to load: it contains a Python object ({found.group(1)}) and not only "
+            "tensors and plain values, so loading it could run code. asa3d reads only safe files: use "
+            "a checkpoint written by asa3d, a safetensors export, or a plain state dict of tensors."
+        )
+    return (
+        f"{path}: not a readable checkpoint (not a torch file, or corrupt). Fix: check the path, or "
+        "write the file again."
+    )
 
 
 def check_format(ckpt: Mapping[str, Any], path: str | Path = "<checkpoint>") -> None:
@@ -71,37 +108,10 @@ def check_format(ckpt: Mapping[str, Any], path: str | Path = "<checkpoint>") -> 
 # --------------------------------------------------------------------------------------------
 # atomic writing
 # --------------------------------------------------------------------------------------------
-def _fsync_dir(directory: Path) -> None:
-    with contextlib.suppress(OSError):  # not supported on every platform / filesystem
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def atomic_save(obj: Any, path: str | Path) -> Path:
-    """Write ``obj`` to ``path`` so that ``path`` is either the old file or the complete new one.
-
-    The bytes go to a hidden temp file in the same directory (same filesystem, so the rename is
-    atomic), are fsynced, then ``os.replace``d over the target. A crash mid-write leaves only a
-    ``.tmp`` file, which is never named like a checkpoint.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-    return path
+    """``torch.save`` through ``asa3d.atomic``: ``path`` is either the old file or the complete new
+    one; a crash mid-write leaves only a hidden ``.tmp`` file, never named like a checkpoint."""
+    return atomic_write_with(path, lambda f: torch.save(obj, f))
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -148,7 +158,7 @@ def save_rotating(
     run_dir = Path(run_dir)
     path = atomic_save(dict(ckpt), run_dir / f"ckpt_r{round_:04d}_i{global_iter:08d}.pt")
     _link_or_copy(path, run_dir / LAST)
-    _fsync_dir(run_dir)
+    fsync_dir(run_dir)
     if keep_last > 0:
         for old in list_checkpoints(run_dir)[:-keep_last]:
             if old != path:
@@ -192,68 +202,24 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# transfer to a plain MONAI SwinUNETR (checked when pretraining starts, and by export)
+# the declared backbone (checked when pretraining starts, and by export)
 # --------------------------------------------------------------------------------------------
-def is_output_key(key: str) -> bool:
-    return key == "out" or key.startswith("out.")
-
-
-def check_swinunetr_transfer(
-    state: Mapping[str, torch.Tensor], kwargs: Mapping[str, Any], source: str = "transfer_state_dict()"
-) -> dict[str, list[str]]:
-    """Load ``state`` into a fresh ``SwinUNETR(**kwargs)`` strictly except the output layer.
-
-    Returns ``{"matched", "missing", "unexpected", "mismatched"}`` key lists (``missing`` holds
-    only ``out.*``). Raises ``CheckpointError`` when any backbone key would be dropped, missing,
-    or of the wrong shape, so a run cannot produce weights nobody can load.
-    """
-    from monai.networks.nets import SwinUNETR
-
+def backbone_spec(ckpt: Mapping[str, Any], source: str | Path = "checkpoint") -> BackboneSpec:
+    """The ``BackboneSpec`` a checkpoint records (older ones: class + kwargs only)."""
+    rec = ckpt.get("backbone")
+    if not isinstance(rec, Mapping):
+        raise CheckpointError(f"{source}: no backbone record; not an asa3d checkpoint?")
     try:
-        net = SwinUNETR(**dict(kwargs))
-    except TypeError as exc:
-        raise CheckpointError(
-            f"cannot build SwinUNETR from the recorded kwargs {dict(kwargs)}: {exc}"
-        ) from None
-    ref = net.state_dict()
-    matched, unexpected, mismatched = [], [], []
-    for k, v in state.items():
-        if is_output_key(k):
-            continue
-        if k not in ref:
-            unexpected.append(k)
-        elif tuple(ref[k].shape) != tuple(v.shape):
-            mismatched.append(f"{k}: {tuple(v.shape)} vs SwinUNETR {tuple(ref[k].shape)}")
-        else:
-            matched.append(k)
-    missing = [k for k in ref if k not in state]
-    missing_backbone = [k for k in missing if not is_output_key(k)]
-    if unexpected or mismatched or missing_backbone:
-
-        def show(xs: list[str]) -> str:
-            return f"{len(xs)} {xs[:8]}{' ...' if len(xs) > 8 else ''}"
-
-        raise CheckpointError(
-            f"{source} does not load into a plain MONAI SwinUNETR({dict(kwargs)}): "
-            f"unexpected (would be dropped): {show(unexpected)}; shape mismatch: {show(mismatched)}; "
-            f"missing backbone keys: {show(missing_backbone)}. Only out.* may be unmatched."
-        )
-    # the strict load itself (minus out.*) is the final word
-    body = {k: v for k, v in state.items() if not is_output_key(k)}
-    result = net.load_state_dict(body, strict=False)
-    assert not result.unexpected_keys, result.unexpected_keys
-    return {"matched": sorted(matched), "missing": sorted(missing), "unexpected": [], "mismatched": []}
-
-
-def monai_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    """``SwinUNETR`` keyword arguments as the installed MONAI names them (MONAI 1.x spells the
-    stochastic depth ``dropout_path_rate``), with tuples as lists so they serialise, so
-    ``SwinUNETR(**kwargs)`` works for a reader of the checkpoint or sidecar. Unknown keys are
-    refused, naming them."""
-    from asa3d.models.backbone import monai_swinunetr_kwargs
-
-    try:
-        out = monai_swinunetr_kwargs(dict(kwargs))
-    except TypeError as exc:
+        return BackboneSpec.from_dict(rec, where=str(source))
+    except BackboneError as exc:
         raise CheckpointError(str(exc)) from None
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in out.items()}
+
+
+def check_transfer(
+    state: Mapping[str, torch.Tensor], spec: BackboneSpec, source: str = "transfer_state_dict()"
+) -> dict[str, list[str]]:
+    """``spec.check_transfer`` with its refusal as a ``CheckpointError`` naming ``source``."""
+    try:
+        return spec.check_transfer(state, source=source)
+    except BackboneError as exc:
+        raise CheckpointError(str(exc)) from None

@@ -8,8 +8,16 @@ import os
 import sys
 from pathlib import Path
 
-from asa3d.config import describe, load_config
+from asa3d.cli_help import add_config_help
+from asa3d.config import load_config
 from asa3d.config_sections import PretrainConfig
+from asa3d.paths import ensure_writable_dir
+
+EXAMPLES = """examples:
+  asa3d pretrain --config pretrain/asa_tiny.yaml --out runs/asa data.root=data/phantom/dataset.json
+  asa3d pretrain --config pretrain/asa.yaml --out runs/asa_btcv data.root=/data/BTCV data.preset=btcv
+  asa3d plan --config pretrain/asa.yaml --gpu-mem-gb 40
+"""
 
 EPILOG_HEAD = """overrides: any config key as section.key=value, e.g. data.root=/data/ct train.epochs=2
 resume: a run dir holding last.pt resumes automatically; --no-resume refuses to touch it.
@@ -19,8 +27,12 @@ config keys (defaults):
 """
 
 
-def _epilog() -> str:
-    return EPILOG_HEAD + "\n".join(describe(PretrainConfig))
+def _help_head() -> str:
+    return EXAMPLES + "\n" + EPILOG_HEAD.rsplit("\n\nconfig keys", 1)[0]
+
+
+def _load_for_help(path: str | None) -> PretrainConfig:
+    return load_config(PretrainConfig, path)
 
 
 def _default_out(config: str | None) -> Path:
@@ -28,6 +40,7 @@ def _default_out(config: str | None) -> Path:
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from asa3d.early_checks import check_pretrain_inputs
     from asa3d.engine.trainer import TrainingDiverged, TrainingInterrupted, run_pretrain
 
     if int(os.environ.get("RANK", "0")) != 0:
@@ -37,7 +50,9 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
         args.overrides, args.resume = [args.resume, *args.overrides], True
     cfg = load_config(PretrainConfig, args.config, args.overrides)
     out = Path(args.out) if args.out else _default_out(args.config)
+    ensure_writable_dir(out)  # before any data is read: a bad --out fails at once, naming itself
     resume: bool | str | None = False if args.no_resume else args.resume
+    check_pretrain_inputs(out, resume)  # the checkpoint to resume from, read before the cache is built
     try:
         path = run_pretrain(cfg, out, resume)
     except TrainingDiverged as exc:
@@ -64,19 +79,21 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     rows = plan(
         method, cfg.train.precision, device, args.gpu_mem_gb, cfg.train.optimizer, tuple(args.volume_shape)
     )
-    print(format_plan(rows, device, args.gpu_mem_gb, cfg.train.batch_size))
+    per_rank = cfg.train.batch_scope == "per_rank"
+    print(format_plan(rows, device, args.gpu_mem_gb, cfg.train.batch_size, per_rank=per_rank))
     return 0
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "pretrain",
-        help="self-supervised pretraining of a method on a Swin UNETR",
+        help="self-supervised pretraining of a method on the backbone it declares",
         description="Pretrain a method (one engine for all; torchrun for several devices).",
-        epilog=_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        add_help=False,
     )
     p.add_argument("--config", help="YAML config (a path, or a name under configs/, e.g. pretrain/asa_tiny)")
+    add_config_help(p, _load_for_help, _help_head())
     p.add_argument("--out", help="run directory (default: runs/pretrain/<config name>)")
     g = p.add_mutually_exclusive_group()
     g.add_argument(
@@ -100,10 +117,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "plan",
         help="largest micro-batch per device that fits a memory budget",
         description="Measure one training step of each phase at micro-batch 1 and 2 and extrapolate.",
-        epilog=_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        add_help=False,
     )
     q.add_argument("--config", help="YAML config")
+    add_config_help(q, _load_for_help, _help_head())
     q.add_argument("--gpu-mem-gb", type=float, default=24.0, help="memory budget per device (GB)")
     q.add_argument(
         "--volume-shape",

@@ -153,3 +153,45 @@ def step_seed(seed: int, rank: int, global_iter: int, micro: int) -> int:
     """A seed per (run seed, rank, iteration, micro-batch): view randomness is reproducible on
     resume with any world size without replaying RNG streams."""
     return int(np.random.SeedSequence([seed, rank, global_iter, micro]).generate_state(1)[0])
+
+
+def broadcast_tensors_(tensors: Sequence[torch.Tensor], env: DistEnv) -> None:
+    """Copy rank 0's values of ``tensors`` to every rank (one broadcast per tensor dtype)."""
+    if not env.distributed or not tensors:
+        return
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    with torch.no_grad():
+        for group in by_dtype.values():
+            flat = torch.cat([t.detach().reshape(-1) for t in group])
+            dist.broadcast(flat, src=0)
+            offset = 0
+            for t in group:
+                t.copy_(flat[offset : offset + t.numel()].view_as(t))
+                offset += t.numel()
+
+
+def first_mismatch(
+    named: Sequence[tuple[str, torch.Tensor]], env: DistEnv
+) -> tuple[str, float, float] | None:
+    """The first tensor whose values differ between ranks, as (name, max, min) of its checksum;
+    None when all agree. Two float64 checksums per tensor (sum, and a position-weighted sum that
+    also catches permutations such as a rotated queue), one all-reduce for all of them."""
+    if not env.distributed or not named:
+        return None
+    sums = []
+    with torch.no_grad():
+        for _, t in named:
+            x = t.detach().reshape(-1).double()
+            w = (torch.arange(x.numel(), device=x.device, dtype=torch.float64) % 13) + 1.0
+            sums += [x.sum(), (x * w).sum()]
+        vec = torch.stack(sums).to(env.device)
+        both = torch.cat([vec, -vec])
+        dist.all_reduce(both, op=dist.ReduceOp.MAX)
+    hi, lo = both[: len(vec)], -both[len(vec) :]
+    differ = (hi != lo).nonzero()
+    if not len(differ):
+        return None
+    i = int(differ[0]) // 2
+    return named[i][0], float(hi[2 * i]), float(lo[2 * i])

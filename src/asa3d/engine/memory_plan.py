@@ -15,8 +15,9 @@ from typing import Any
 
 import torch
 
+from asa3d.data.sampling import SampleSpec
 from asa3d.engine.precision import autocast
-from asa3d.methods.base import PretrainMethod, SampleSpec
+from asa3d.methods.base import PretrainMethod
 
 GB = 1024**3
 
@@ -120,7 +121,11 @@ def plan(
     return rows
 
 
-def format_plan(rows: list[PhasePlan], device: torch.device, budget_gb: float, global_batch: int) -> str:
+def format_plan(
+    rows: list[PhasePlan], device: torch.device, budget_gb: float, global_batch: int, per_rank: bool = False
+) -> str:
+    """The table and the advice; ``per_rank``: ``global_batch`` is ``train.batch_size`` under
+    ``batch_scope: per_rank``, i.e. volumes per process."""
     how = (
         "measured (torch.cuda.max_memory_allocated)"
         if device.type == "cuda"
@@ -141,6 +146,11 @@ def format_plan(rows: list[PhasePlan], device: torch.device, budget_gb: float, g
     if fit == 0:
         lines.append(
             "nothing fits: set model.use_checkpoint=true, precision bf16, or a smaller crop/input size."
+        )
+    elif per_rank:
+        lines.append(
+            f"for train.batch_size={global_batch} per process (batch_scope: per_rank): choose "
+            f"train.grad_accum so that {global_batch} / grad_accum <= {fit}."
         )
     else:
         lines.append(

@@ -45,6 +45,11 @@ class MetricsLogger:
                 if math.isfinite(float(v)):
                     self._tb.add_scalar(k, float(v), step)
 
+    def image(self, step: int, name: str, picture: Any) -> None:
+        """One (H, W) picture in [0, 1] as a TensorBoard image."""
+        if self.enabled and self._tb is not None:
+            self._tb.add_image(name, picture.detach().float().clamp(0, 1).cpu(), step, dataformats="HW")
+
     def event(self, step: int, kind: str, **fields: Any) -> None:
         """A non-scalar record (bad step, collapse warning, resume) in the JSONL log."""
         if self.enabled and self._file is not None:

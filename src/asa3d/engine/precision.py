@@ -27,6 +27,25 @@ def autocast(precision: str, device: torch.device) -> Iterator[None]:
         yield
 
 
+def training_precision(precision: str, device: torch.device, cpu_bf16: bool = False) -> str:
+    """The precision training runs at: bf16 on a CPU trains in fp32 unless ``train.cpu_bf16``.
+
+    Why: PyTorch's oneDNN bf16 conv3d weight gradient on AVX-512-BF16 CPUs returns garbage
+    (values ~1e32, run to run) for the small spatial sizes of a U-Net's bottleneck; measured
+    with torch 2.13 by ``benchmarks/cpu_bf16_conv.py``, and of the same kind as pytorch/pytorch
+    issue 169688. One such step ruins the AdamW state, so this is not left to a loss check.
+    CUDA bf16 and CPU inference (the forward pass) are unaffected and keep bf16.
+    """
+    if precision == "bf16" and device.type == "cpu" and not cpu_bf16:
+        log.warning(
+            "train.precision=bf16 on the CPU: training in fp32, because PyTorch's bf16 conv3d "
+            "weight gradients are unreliable on CPUs (docs/scaling.md, 'Precision'); "
+            "train.cpu_bf16=true forces bf16."
+        )
+        return "fp32"
+    return precision
+
+
 def make_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler:
     """Loss scaling only where it is needed: fp16 on CUDA (bf16 has fp32's exponent range)."""
     enabled = precision == "fp16" and device.type == "cuda"

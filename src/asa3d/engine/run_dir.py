@@ -9,6 +9,7 @@ from typing import Any
 
 import yaml
 
+from asa3d.atomic import atomic_write_text
 from asa3d.config import to_dict
 from asa3d.engine.checkpoint import CheckpointError, latest_checkpoint
 
@@ -50,5 +51,4 @@ def save_resolved_config(cfg: Any, run_dir: Path) -> Path:
     text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
     if path.is_file() and path.read_text() != text:
         path.rename(run_dir / f"config.{time.strftime('%Y%m%d-%H%M%S')}.yaml")
-    path.write_text(text)
-    return path
+    return atomic_write_text(path, text)

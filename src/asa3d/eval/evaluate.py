@@ -1,93 +1,77 @@
 """``asa3d evaluate``: initialisations x {finetune, probe} x label fractions x seeds -> tables,
 statistics, plots and an HTML report.
 
+The grid first makes its inputs (``asa3d.eval.grid_inputs``: the phantom when ``data.root`` is
+unset, the inits it pretrains in this process through ``run_pretrain``), then runs its cells.
 Each cell (init, mode, fraction, seed) fine-tunes one model on the seed's nested label subset and
-scores the test split; its result is written atomically to ``OUT/cells/<cell>/result.json``. A
-rerun skips every cell that has one, so an interrupted grid resumes where it stopped.
+scores the test split. A cell is fingerprinted (``config_sha``: its whole fine-tuning config, its
+training ids, its init's weights by content and the data by content); the fingerprint is written
+to ``OUT/cells/<cell>/cell.json`` before the cell starts and into its ``result.json`` (written
+atomically) when it ends. A rerun:
+
+- keeps every cell whose ``result.json`` has the current fingerprint;
+- resumes a half-finished cell of the current fingerprint from its fine-tuning checkpoint
+  (``train.ckpt_every``, SIGTERM);
+- refuses a cell, a pretraining or a phantom made with other settings (or recording no
+  fingerprint), naming it and ``--overwrite``; with ``overwrite`` exactly those are redone.
+
+Progress: one line for the whole grid (``asa3d.progress.SharedLine``): each pretraining is a stage
+of it, then all cells still to run are one stage whose ETA counts only this run's work.
 
 Outputs in OUT: ``subsets.json``, ``per_case.csv`` + ``per_case.json``, ``summary.json``,
 ``table.md`` (+ ``table_btcv12.md`` for BTCV), ``stats.json`` + ``stats.md``, ``plots/*.png``,
-``report.html``.
+``provenance.json``, ``report.html`` (``asa3d.eval.tables``, ``asa3d.eval.report``).
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import logging
-import os
 import shutil
-import subprocess
-import sys
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import numpy as np
-
+from asa3d import provenance
+from asa3d.atomic import atomic_write_json
 from asa3d.config import ConfigError, save_config, to_dict
-from asa3d.eval.finetune import FinetuneConfig, load_index, run_finetune
-from asa3d.eval.metrics import btcv_paper_columns, json_safe, mean_over_classes, nanmean
+from asa3d.eval.config_sections import EvaluateConfig, GridConfig, InitSpec  # noqa: F401  re-exported
+from asa3d.eval.finetune import (
+    FinetuneConfig,
+    check_input_sizes,
+    finetune_spec,
+    load_index,
+    run_finetune,
+    total_iterations,
+)
+from asa3d.eval.grid_inputs import fingerprint, make_phantom, resolve_init, stale
+from asa3d.eval.metrics import json_safe
+from asa3d.eval.probe import frozen_parts
 from asa3d.eval.splits import fraction_tag, nested_subsets, save_subsets
-from asa3d.eval.stats import paired_test
+from asa3d.eval.tables import aggregate
 from asa3d.eval.transfer import InitConfig
+from asa3d.progress import BarFactory, SharedLine
 
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class InitSpec:
-    """One named initialisation of the grid."""
-
-    name: str = "scratch"
-    source: str = "scratch"  # scratch | checkpoint / export / state-dict path
-    pretrain_config: str | None = (
-        None  # run `asa3d pretrain` with this config first (source = its checkpoint)
-    )
-    pretrain_overrides: list[str] = field(default_factory=list)
-    key_map: list[str] = field(default_factory=list)
-    expect: Literal["auto", "encoder", "all"] = "auto"
-    allow_partial: bool = False
+CELL_RECORD = "cell.json"  # the fingerprint a cell was started with (before its run folder exists)
 
 
-@dataclass
-class GridConfig:
-    inits: list[InitSpec] = field(default_factory=lambda: [InitSpec()])
-    modes: list[Literal["finetune", "probe", "strict_linear"]] = field(
-        default_factory=lambda: ["finetune", "probe"]
-    )
-    fractions: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.2, 0.5, 1.0])
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
-    reference: str = "scratch"  # the init every other init is compared with in stats
-    table_style: Literal["auto", "plain", "btcv"] = "auto"  # btcv: also the paper's 12 columns
-    keep_models: bool = False  # keep each cell's model_final.pt (large at paper scale)
-    n_boot: int = 10000
-    # when data.root is unset: write a phantom data set into OUT/phantom first, with these
-    # write_phantom_dataset arguments (n, n_validation, shape, spacing, seed); lets one command run
-    # from a fresh clone
-    phantom: dict[str, Any] | None = None
-    plots: bool = True
-    report: bool = True
-
-    def validate(self) -> None:
-        names = [i.name for i in self.inits]
-        if len(set(names)) != len(names):
-            raise ConfigError(f"grid.inits: names must be unique, got {names}")
-        if not self.inits:
-            raise ConfigError("grid.inits: at least one initialisation")
-        for f in self.fractions:
-            if not 0 < f <= 1:
-                raise ConfigError(f"grid.fractions: {f} is not in (0, 1]")
-
-
-@dataclass
-class EvaluateConfig(FinetuneConfig):
-    """Every key of ``asa3d finetune`` (the per-cell recipe) plus ``grid``."""
-
-    grid: GridConfig = field(default_factory=GridConfig)
+def config_sha(
+    cell: Any, train_ids: Sequence[str], init_fingerprint: str = "", data_fingerprint: str = ""
+) -> str:
+    """Fingerprint of what a grid cell computes: its whole fine-tuning config, its training ids,
+    and (given) its init's weights and its data by content, in place of their paths. A rerun
+    with other settings, other weights under the same path or other data never reuses a result
+    made with the old ones."""
+    doc = to_dict(cell)
+    if init_fingerprint:
+        doc["init"] = {**doc["init"], "source": init_fingerprint}
+    if data_fingerprint:
+        doc["data"] = {**doc["data"], "root": data_fingerprint}
+    return fingerprint({"config": doc, "train_ids": list(train_ids)})
 
 
 def cell_name(init: str, mode: str, fraction: float, seed: int) -> str:
@@ -95,148 +79,179 @@ def cell_name(init: str, mode: str, fraction: float, seed: int) -> str:
 
 
 def _atomic_json(path: Path, doc: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(json_safe(doc), indent=1))
-    os.replace(tmp, path)
+    atomic_write_json(path, json_safe(doc))
 
 
-def resolve_init(spec: InitSpec, out: Path, cfg: EvaluateConfig) -> str:
-    """The weights file of ``spec``; runs its pretraining first when ``pretrain_config`` is set."""
-    if not spec.pretrain_config:
-        return spec.source
-    run = out / "pretrain" / spec.name
-    done = run / "DONE"
-    if not done.exists():
-        overrides = [f"data.root={cfg.data.root}"] if cfg.data.root else []
-        if cfg.data.cache_dir:
-            overrides.append(f"data.cache_dir={cfg.data.cache_dir}")
-        cmd = [
-            sys.executable,
-            "-m",
-            "asa3d.cli",
-            "pretrain",
-            "--config",
-            spec.pretrain_config,
-            "--out",
-            str(run),
-            *overrides,
-            *spec.pretrain_overrides,
-        ]
-        log.info("pretraining init %s: %s", spec.name, " ".join(cmd))
-        subprocess.run(cmd, check=True)
-        done.write_text("ok\n")
-    from asa3d.engine.checkpoint import latest_checkpoint
-
-    ckpt = latest_checkpoint(run)
-    if ckpt is None:
-        raise ConfigError(f"pretraining of init {spec.name} in {run} left no checkpoint")
-    return str(ckpt)
-
-
-def make_phantom(out: Path, spec: Mapping[str, Any]) -> Path:
-    """OUT/phantom/dataset.json, written once (the phantom is deterministic per seed)."""
-    from asa3d.data.phantom import write_phantom_dataset
-
-    target = out / "phantom" / "dataset.json"
-    if target.exists():
-        return target
-    kw = dict(spec)
-    for k in ("shape", "spacing"):
-        if k in kw:
-            kw[k] = tuple(kw[k])
-    return Path(write_phantom_dataset(out / "phantom", **kw))
-
-
-CellRunner = Callable[[FinetuneConfig, Path, Sequence[str], Any, Any], dict[str, Any]]
+CellRunner = Callable[..., dict[str, Any]]  # (cfg, run_dir, ids, train_index, test_index, *, progress)
 
 
 def _default_runner(
-    cfg: FinetuneConfig, run_dir: Path, ids: Sequence[str], train_index: Any, test_index: Any
+    cfg: FinetuneConfig,
+    run_dir: Path,
+    ids: Sequence[str],
+    train_index: Any,
+    test_index: Any,
+    *,
+    progress: BarFactory | None = None,
 ) -> dict[str, Any]:
-    return run_finetune(cfg, run_dir, train_ids=ids, train_index=train_index, test_index=test_index)
+    return run_finetune(
+        cfg, run_dir, train_ids=ids, train_index=train_index, test_index=test_index, progress=progress
+    )
 
 
-def run_grid(cfg: EvaluateConfig, out_dir: str | Path, runner: CellRunner | None = None) -> dict[str, Any]:
-    """Run (or resume) the grid, then aggregate. ``runner`` is replaceable for tests."""
+@dataclasses.dataclass
+class _Cell:
+    name: str
+    spec: InitSpec
+    mode: str
+    fraction: float
+    seed: int
+    cfg: FinetuneConfig
+    sha: str
+    ids: list[str]
+    keep_pred: bool
+
+    def dir(self, out: Path) -> Path:
+        return out / "cells" / self.name
+
+
+def _cell_state(cell: _Cell, out: Path, overwrite: bool) -> dict[str, Any] | None:
+    """The finished result of ``cell`` (None: it must run). Work recorded with another
+    fingerprint, or with none, is refused; with ``overwrite`` it is removed."""
+    cdir = cell.dir(out)
+    res_path = cdir / "result.json"
+    if res_path.exists():
+        done = json.loads(res_path.read_text())
+        recorded = done.get("config_sha")
+        if recorded == cell.sha:
+            return done
+        why = (
+            "records no configuration fingerprint (made by an older asa3d)"
+            if recorded is None
+            else "was run with another configuration (iterations, lr, data, init weights, ...) "
+            "than the one given now"
+        )
+    elif (cdir / "run").exists():
+        rec = {}
+        if (cdir / CELL_RECORD).is_file():
+            rec = json.loads((cdir / CELL_RECORD).read_text())
+        if rec.get("config_sha") == cell.sha:
+            return None  # half-finished with these settings: resumes from its checkpoint
+        why = "holds a half-finished run of another configuration"
+    else:
+        return None
+    if not overwrite:
+        raise stale("this grid cell", cdir, why)
+    log.info("cell %s %s: running it again", cell.name, why)
+    shutil.rmtree(cdir)
+    return None
+
+
+def _check_probes(cfg: EvaluateConfig, sources: dict[str, str]) -> None:
+    """Refuse before any cell runs when a probe would freeze parts an init's pretraining never
+    trained (the cell itself would refuse, after the fine-tuning cells of that init ran)."""
+    if cfg.probe.allow_untrained:
+        return
+    modes = [m for m in cfg.grid.modes if m != "finetune"]
+    if not modes:
+        return
+    from asa3d.eval.transfer import read_source
+
+    spec = finetune_spec(cfg, 2)
+    for name, source in sources.items():
+        if source in ("", "scratch"):
+            continue
+        init = next(i for i in cfg.grid.inits if i.name == name)
+        parts = read_source(source, init.key_map)[2].get("transfer_parts") or {}
+        untrained = {p for p, trained in parts.items() if not trained}
+        for mode in modes:
+            bad = sorted(untrained & set(frozen_parts(spec, mode, cfg.probe.freeze_encoders)))
+            if bad:
+                raise ConfigError(
+                    f"grid: mode {mode} would freeze {bad} of init {name!r} ({source}), which its "
+                    "pretraining never trained (random weights): the probe would measure random "
+                    "features. Drop the mode, pretrain with the task that trains them, or set "
+                    "probe.allow_untrained=true."
+                )
+
+
+def run_grid(
+    cfg: EvaluateConfig,
+    out_dir: str | Path,
+    runner: CellRunner | None = None,
+    *,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Run (or resume) the grid, then aggregate. ``runner`` is replaceable for tests;
+    ``overwrite`` redoes work made with other settings instead of refusing it."""
+    from asa3d.provenance import data_fingerprint
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     runner = runner or _default_runner
     g = cfg.grid
     if cfg.eval.split is None:
         raise ConfigError("evaluate needs eval.split (the labelled test section, e.g. validation)")
+    check_input_sizes(cfg)  # before the phantom, the caches and any pretraining
     if cfg.data.root is None and g.phantom is not None:
-        cfg = dataclasses.replace(
-            cfg, data=dataclasses.replace(cfg.data, root=str(make_phantom(out, g.phantom)))
-        )
+        root = str(make_phantom(out, g.phantom, overwrite))
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=root))
     save_config(cfg, out / "config.yaml")
     train_index = load_index(cfg.data)
     test_index = load_index(cfg.data, cfg.eval.split)
     ids = [c.id for c in train_index.cases]
     subsets = {s: nested_subsets(ids, g.fractions, s) for s in g.seeds}
     save_subsets(out / "subsets.json", subsets)
-    sources = {spec.name: resolve_init(spec, out, cfg) for spec in g.inits}
+    data_fp = data_fingerprint(cfg.data.root)
 
+    line = SharedLine(enabled=cfg.train.progress)
     t0 = time.time()
-    ran = 0
-    results = []
-    cells = [(spec, mode, f, s) for spec in g.inits for mode in g.modes for f in g.fractions for s in g.seeds]
-    for i, (spec, mode, frac, seed) in enumerate(cells):
-        name = cell_name(spec.name, mode, frac, seed)
-        cdir = out / "cells" / name
-        res_path = cdir / "result.json"
-        if res_path.exists():
-            results.append(json.loads(res_path.read_text()))
-            continue
-        init = InitConfig(
-            source=sources[spec.name],
-            key_map=list(spec.key_map),
-            expect=spec.expect,
-            allow_partial=spec.allow_partial,
-        )
-        keep_pred = seed == g.seeds[0] and frac == max(g.fractions)
-        cell_cfg = dataclasses.replace(
-            cfg,
-            mode=mode,
-            init=init,
-            train=dataclasses.replace(cfg.train, seed=seed),
-            eval=dataclasses.replace(cfg.eval, save_predictions=keep_pred),
-        )
-        base = FinetuneConfig(
-            **{f.name: getattr(cell_cfg, f.name) for f in dataclasses.fields(FinetuneConfig)}
-        )
-        log.info("cell %d/%d %s (%d training cases)", i + 1, len(cells), name, len(subsets[seed][frac]))
-        run_dir = cdir / "run"
-        if run_dir.exists():  # a crash mid-cell: start that cell again from scratch
-            shutil.rmtree(run_dir)
-        doc = runner(base, run_dir, subsets[seed][frac], train_index, test_index)
-        if not g.keep_models:
-            for p in run_dir.glob("model_*.pt"):
-                p.unlink()
-        result = {
-            "cell": name,
-            "init": spec.name,
-            "init_source": sources[spec.name],
-            "mode": mode,
-            "fraction": frac,
-            "seed": seed,
-            "train_ids": list(subsets[seed][frac]),
-            "per_case": doc.get("per_case", []),
-            "summary": doc.get("summary", {}),
-            "loss_first": doc.get("loss_first"),
-            "loss_last": doc.get("loss_last"),
-            "seconds": doc.get("seconds"),
-            "transfer": doc.get("transfer"),
-            "predictions": str(run_dir / "predictions") if keep_pred else None,
-        }
-        _atomic_json(res_path, result)
-        results.append(json.loads(res_path.read_text()))
-        ran += 1
-    log.info("grid: %d cells run, %d resumed, %.0f s", ran, len(cells) - ran, time.time() - t0)
+    try:
+        sources: dict[str, str] = {}
+        init_fps: dict[str, str] = {}
+        pretrained = [s for s in g.inits if s.pretrain_config]
+        for spec in g.inits:
+            if spec.pretrain_config:
+                k = pretrained.index(spec) + 1
+                line.stage(f"grid: pretrain {spec.name} ({k}/{len(pretrained)})")
+                with line.loop(spec.name) as factory:
+                    sources[spec.name], init_fps[spec.name] = resolve_init(spec, out, cfg, overwrite, factory)
+            else:
+                sources[spec.name], init_fps[spec.name] = resolve_init(spec, out, cfg, overwrite)
+        _check_probes(cfg, sources)
+
+        cells = []
+        for spec in g.inits:
+            for mode in g.modes:
+                for frac in g.fractions:
+                    for seed in g.seeds:
+                        cells.append(
+                            _make_cell(cfg, spec, mode, frac, seed, subsets, sources, init_fps, data_fp)
+                        )
+        results: dict[str, dict[str, Any]] = {}
+        for cell in cells:  # every stale cell is refused before any work starts
+            done = _cell_state(cell, out, overwrite)
+            if done is not None:
+                results[cell.name] = done
+        todo = [c for c in cells if c.name not in results]
+        expected = {c.name: total_iterations(c.cfg.train, len(c.ids)) for c in todo}
+        line.stage(f"grid: {len(results)}/{len(cells)} cells", total=sum(expected.values()))
+        for i, cell in enumerate(todo):
+            line.describe(f"grid: {len(results)}/{len(cells)} cells", cell.name)
+            log.debug("cell %d/%d %s (%d training cases)", i + 1, len(todo), cell.name, len(cell.ids))
+            results[cell.name] = _run_cell(
+                cell, out, runner, line, expected[cell.name], train_index, test_index, g.keep_models
+            )
+        line.describe(f"grid: {len(results)}/{len(cells)} cells")
+    finally:
+        line.close()
+    ran = len(todo)
+    log.info("grid: %d cells run, %d reused, %.0f s", ran, len(cells) - ran, time.time() - t0)
     label_names = {int(k): v for k, v in train_index.label_names.items()}
-    summary = aggregate(results, cfg, out, label_names, test_index)
+    summary = aggregate([results[c.name] for c in cells], cfg, out, label_names, test_index)
     summary["cells_run"], summary["cells_resumed"] = ran, len(cells) - ran
     _atomic_json(out / "summary.json", summary)
+    provenance.record(out)
     if g.report:
         from asa3d.eval.report import build_report
 
@@ -244,209 +259,81 @@ def run_grid(cfg: EvaluateConfig, out_dir: str | Path, runner: CellRunner | None
     return summary
 
 
-# --------------------------------------------------------------------------------------------
-# aggregation
-# --------------------------------------------------------------------------------------------
-def _mean_std(values: Sequence[float]) -> tuple[float, float, int]:
-    arr = np.asarray(values, dtype=float)
-    arr = arr[~np.isnan(arr)]
-    if arr.size == 0:
-        return float("nan"), float("nan"), 0
-    return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else 0.0, int(arr.size)
-
-
-def _is_btcv(classes: Sequence[str]) -> bool:
-    keys = {"".join(ch for ch in c.lower() if ch.isalnum()) for c in classes}
-    return len(classes) == 13 and any("adrenal" in k for k in keys) and any("spleen" in k for k in keys)
-
-
-def aggregate(
-    results: Sequence[Mapping[str, Any]],
+def _make_cell(
     cfg: EvaluateConfig,
-    out: Path,
-    label_names: Mapping[int, str],
-    test_index: Any = None,
-) -> dict[str, Any]:
-    """Write per_case.csv/json, table.md, stats.json/md and plots; return the summary document."""
+    spec: InitSpec,
+    mode: str,
+    frac: float,
+    seed: int,
+    subsets: dict[int, dict[float, list[str]]],
+    sources: dict[str, str],
+    init_fps: dict[str, str],
+    data_fp: str,
+) -> _Cell:
     g = cfg.grid
-    metrics = list(cfg.eval.metrics)
-    # per_case.csv: long format
-    with open(out / "per_case.csv", "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["init", "mode", "fraction", "seed", "case", "metric", "class", "value"])
-        for r in results:
-            for row in r["per_case"]:
-                for metric in metrics:
-                    for cls, v in row.get(metric, {}).items():
-                        w.writerow(
-                            [
-                                r["init"],
-                                r["mode"],
-                                r["fraction"],
-                                r["seed"],
-                                row["id"],
-                                metric,
-                                cls,
-                                "" if v is None else v,
-                            ]
-                        )
-    _atomic_json(
-        out / "per_case.json",
-        [{k: r[k] for k in ("cell", "init", "mode", "fraction", "seed", "per_case")} for r in results],
+    init = InitConfig(
+        source=sources[spec.name],
+        key_map=list(spec.key_map),
+        expect=spec.expect,
+        allow_partial=spec.allow_partial,
     )
-    groups: dict[tuple[str, str, float], list[Mapping[str, Any]]] = {}
-    for r in results:
-        groups.setdefault((r["init"], r["mode"], float(r["fraction"])), []).append(r)
-    summary: dict[str, Any] = {"metrics": metrics, "groups": [], "grid": to_dict(g)}
-    for (init, mode, frac), rs in groups.items():
-        entry: dict[str, Any] = {"init": init, "mode": mode, "fraction": frac, "n_seeds": len(rs)}
-        for metric in metrics:
-            # per seed: mean over cases per class, then mean/sd of those over seeds (paper: sd over runs)
-            per_seed_class: list[dict[str, float]] = []
-            for r in rs:
-                rows = r["per_case"]
-                classes = list(rows[0].get(metric, {})) if rows else []
-                per_seed_class.append(
-                    {
-                        c: nanmean([np.nan if x[metric][c] is None else x[metric][c] for x in rows])
-                        for c in classes
-                    }
-                )
-            classes = list(per_seed_class[0]) if per_seed_class else []
-            cls_stats = {c: _mean_std([p[c] for p in per_seed_class]) for c in classes}
-            avg = _mean_std([mean_over_classes(p, cfg.eval.merged_classes) for p in per_seed_class])
-            entry[metric] = {
-                "per_class": {c: {"mean": m, "std": s} for c, (m, s, _) in cls_stats.items()},
-                "avg": {"mean": avg[0], "std": avg[1]},
-            }
-            if metric == "dice" and (
-                g.table_style == "btcv" or (g.table_style == "auto" and _is_btcv(classes))
-            ):
-                cols = [btcv_paper_columns(p) for p in per_seed_class]
-                entry["dice_btcv12"] = {
-                    k: dict(zip(("mean", "std"), _mean_std([c[k] for c in cols])[:2], strict=True))
-                    for k in cols[0]
-                }
-        summary["groups"].append(entry)
-    summary["groups"].sort(key=lambda e: (_order(g, e["init"]), e["mode"], e["fraction"]))
-    write_tables(summary, out)
-    stats = compare_inits(results, g, metrics, exclude=cfg.eval.merged_classes)
-    _atomic_json(out / "stats.json", stats)
-    write_stats_md(stats, out / "stats.md")
-    summary["stats"] = "stats.json"
-    if g.plots:
-        from asa3d.eval import plots
-
-        plots.make_all(summary, results, out, label_names, test_index)
-    return summary
+    keep_pred = seed == g.seeds[0] and frac == max(g.fractions)
+    cell_cfg = dataclasses.replace(
+        cfg,
+        mode=mode,
+        init=init,
+        train=dataclasses.replace(cfg.train, seed=seed),
+        eval=dataclasses.replace(cfg.eval, save_predictions=keep_pred),
+    )
+    base = FinetuneConfig(**{f.name: getattr(cell_cfg, f.name) for f in dataclasses.fields(FinetuneConfig)})
+    ids = list(subsets[seed][frac])
+    return _Cell(
+        name=cell_name(spec.name, mode, frac, seed),
+        spec=spec,
+        mode=mode,
+        fraction=frac,
+        seed=seed,
+        cfg=base,
+        sha=config_sha(base, ids, init_fps[spec.name], data_fp),
+        ids=ids,
+        keep_pred=keep_pred,
+    )
 
 
-def _order(g: GridConfig, init: str) -> int:
-    names = [i.name for i in g.inits]
-    return names.index(init) if init in names else len(names)
-
-
-def _fmt(ms: Mapping[str, float], scale: float) -> str:
-    m, s = ms.get("mean"), ms.get("std")
-    if m is None or np.isnan(m):
-        return "–"
-    return f"{m * scale:.2f} ± {s * scale:.2f}"
-
-
-def write_tables(summary: Mapping[str, Any], out: Path) -> None:
-    """table.md: rows = init x mode x fraction, columns = classes + Avg (Dice in %, like Table 1)."""
-    lines = []
-    for metric in summary["metrics"]:
-        scale = 100.0 if metric in ("dice", "nsd") else 1.0
-        unit = "%" if scale == 100.0 else "mm"
-        groups = summary["groups"]
-        if not groups:
-            continue
-        classes = list(groups[0][metric]["per_class"])
-        lines.append(f"### {metric} ({unit}, mean ± sd over seeds)\n")
-        lines.append("| init | mode | fraction | " + " | ".join(classes) + " | Avg |")
-        lines.append("|" + "---|" * (len(classes) + 4))
-        for e in groups:
-            cells = [_fmt(e[metric]["per_class"][c], scale) for c in classes]
-            lines.append(
-                f"| {e['init']} | {e['mode']} | {e['fraction'] * 100:g}% | "
-                + " | ".join(cells)
-                + f" | {_fmt(e[metric]['avg'], scale)} |"
-            )
-        lines.append("")
-    (out / "table.md").write_text("\n".join(lines))
-    if summary["groups"] and "dice_btcv12" in summary["groups"][0]:
-        cols = list(summary["groups"][0]["dice_btcv12"])
-        bl = [
-            "### BTCV Dice (%), the paper's 12 columns (AG = mean of adrenals)\n",
-            "| init | mode | fraction | " + " | ".join(cols) + " |",
-            "|" + "---|" * (len(cols) + 3),
-        ]
-        for e in summary["groups"]:
-            bl.append(
-                f"| {e['init']} | {e['mode']} | {e['fraction'] * 100:g}% | "
-                + " | ".join(_fmt(e["dice_btcv12"][c], 100.0) for c in cols)
-                + " |"
-            )
-        (out / "table_btcv12.md").write_text("\n".join(bl) + "\n")
-
-
-def compare_inits(
-    results: Sequence[Mapping[str, Any]],
-    g: GridConfig,
-    metrics: Sequence[str],
-    exclude: Collection[str] = (),
+def _run_cell(
+    cell: _Cell,
+    out: Path,
+    runner: CellRunner,
+    line: SharedLine,
+    expected: int,
+    train_index: Any,
+    test_index: Any,
+    keep_models: bool,
 ) -> dict[str, Any]:
-    """Paired tests of every init against ``grid.reference`` per mode and fraction; pairs are
-    (case, seed) and the value is the case's mean over classes (NaN classes and the merged
-    regions in ``exclude`` left out)."""
-    by_key: dict[tuple[str, str, float, int], Mapping[str, Any]] = {
-        (r["init"], r["mode"], float(r["fraction"]), int(r["seed"])): r for r in results
+    cdir = cell.dir(out)
+    run_dir = cdir / "run"
+    _atomic_json(cdir / CELL_RECORD, {"cell": cell.name, "config_sha": cell.sha})  # before the run starts
+    with line.loop(cell.name, expected) as factory:
+        doc = runner(cell.cfg, run_dir, cell.ids, train_index, test_index, progress=factory)
+    if not keep_models:
+        for p in run_dir.glob("model_*.pt"):
+            p.unlink()
+    result = {
+        "cell": cell.name,
+        "config_sha": cell.sha,
+        "init": cell.spec.name,
+        "init_source": cell.cfg.init.source,
+        "mode": cell.mode,
+        "fraction": cell.fraction,
+        "seed": cell.seed,
+        "train_ids": cell.ids,
+        "per_case": doc.get("per_case", []),
+        "summary": doc.get("summary", {}),
+        "loss_first": doc.get("loss_first"),
+        "loss_last": doc.get("loss_last"),
+        "seconds": doc.get("seconds"),
+        "transfer": doc.get("transfer"),
+        "predictions": str(run_dir / "predictions") if cell.keep_pred else None,
     }
-    comps = []
-    others = [i.name for i in g.inits if i.name != g.reference]
-    for metric in metrics:
-        for name in others:
-            for mode in g.modes:
-                for frac in g.fractions:
-                    a, b, pairs = [], [], []
-                    for seed in g.seeds:
-                        ra, rb = (
-                            by_key.get((name, mode, float(frac), seed)),
-                            by_key.get((g.reference, mode, float(frac), seed)),
-                        )
-                        if ra is None or rb is None:
-                            continue
-                        cb = {row["id"]: row for row in rb["per_case"]}
-                        for row in ra["per_case"]:
-                            if row["id"] in cb:
-                                a.append(mean_over_classes(row[metric], exclude))
-                                b.append(mean_over_classes(cb[row["id"]][metric], exclude))
-                                pairs.append([row["id"], seed])
-                    if not a:
-                        continue
-                    res = paired_test(a, b, n_boot=g.n_boot, seed=0)
-                    res.update(metric=metric, init=name, reference=g.reference, mode=mode, fraction=frac)
-                    comps.append(res)
-    return {
-        "test": "Wilcoxon signed-rank (two-sided, scipy) over (case, seed) pairs; "
-        "mean difference = init - reference with a 95% percentile bootstrap CI",
-        "comparisons": comps,
-    }
-
-
-def write_stats_md(stats: Mapping[str, Any], path: Path) -> None:
-    lines = [
-        f"{stats['test']}\n",
-        "| metric | init vs reference | mode | fraction | n | mean diff | 95% CI | p |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for c in stats["comparisons"]:
-        md = "–" if c["mean_diff"] is None else f"{c['mean_diff']:+.4f}"
-        ci = "–" if c["ci95"][0] is None else f"[{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}]"
-        p = "–" if c["p_value"] is None else f"{c['p_value']:.3g}"
-        lines.append(
-            f"| {c['metric']} | {c['init']} vs {c['reference']} | {c['mode']} | "
-            f"{c['fraction'] * 100:g}% | {c['n']} | {md} | {ci} | {p} |"
-        )
-    path.write_text("\n".join(lines) + "\n")
+    _atomic_json(cdir / "result.json", result)
+    return json.loads((cdir / "result.json").read_text())

@@ -116,30 +116,24 @@ def btcv_paper_columns(per_class: Mapping[str, float]) -> dict[str, float]:
     out: dict[str, float] = {}
     for col, key in names:
         out[col] = norm.get(_norm(key), _lookup_by_position(per_class, col))
-    out["AG"] = nanmean([norm.get(_norm("right_adrenal"), np.nan), norm.get(_norm("left_adrenal"), np.nan)])
+    out["AG"] = nanmean([norm.get(_norm("right_adrenal")), norm.get(_norm("left_adrenal"))])  # None: absent
     out["Avg"] = nanmean(list(out.values()))
     return out
 
 
-_ALIASES = {
-    "rightkidney": "rightkidney",
+_ALIASES = {  # spelling -> canonical key (a canonical key maps to itself via _norm's fallback)
     "kidneyright": "rightkidney",
-    "leftkidney": "leftkidney",
     "kidneyleft": "leftkidney",
     "inferiorvenacava": "ivc",
     "postcava": "ivc",
     "portalveinandsplenicvein": "portalsplenicveins",
     "portalandsplenicvein": "portalsplenicveins",
     "portalandsplenicveins": "portalsplenicveins",
-    "portalsplenicveins": "portalsplenicveins",
     "portalvein": "portalsplenicveins",
     "rightadrenalgland": "rightadrenal",
     "adrenalglandright": "rightadrenal",
     "leftadrenalgland": "leftadrenal",
     "adrenalglandleft": "leftadrenal",
-    "rightadrenal": "rightadrenal",
-    "leftadrenal": "leftadrenal",
-    "gallbladder": "gallbladder",
     "oesophagus": "esophagus",
 }
 

@@ -1,8 +1,13 @@
 """Figures of an evaluation grid (matplotlib, Agg): label-efficiency curve (the paper's Fig. 4),
-per-organ bars, and slice montages of the best and worst test case."""
+per-organ bars, and slice montages of the best and worst test case.
+
+Saved at print resolution (``DPI``). Each chart also writes ``<name>.json`` beside its PNG with
+what the drawn figure really has (axis scale, tick labels, whether the legend stays clear of the
+bars), read back from the matplotlib objects; the report shows it and the tests check it."""
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -14,39 +19,88 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from asa3d.atomic import atomic_path, atomic_write_text  # noqa: E402
 from asa3d.eval.metrics import nanmean  # noqa: E402
 
 log = logging.getLogger(__name__)
 
+DPI = 150  # print resolution
 
-def label_efficiency(summary: Mapping[str, Any], out_png: Path, metric: str = "dice") -> Path:
-    """Mean Dice (over classes) vs label fraction, one line per (init, mode), sd band over seeds."""
-    fig, ax = plt.subplots(figsize=(6, 4))
-    lines: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
+
+def _save(fig: Any, ax: Any, out_png: Path, legend: Any = None) -> Path:
+    """Save at ``DPI`` (legend kept inside the image) and write the figure's facts beside it."""
+    fig.canvas.draw()
+    facts: dict[str, Any] = {
+        "xscale": ax.get_xscale(),
+        "yscale": ax.get_yscale(),
+        "xticklabels": [tl.get_text() for tl in ax.get_xticklabels()],
+        "xlabel": ax.get_xlabel(),
+        "dpi": DPI,
+    }
+    if legend is not None:
+        renderer = fig.canvas.get_renderer()
+        lb, ab = legend.get_window_extent(renderer), ax.get_window_extent(renderer)
+        facts["legend_outside_axes"] = bool(
+            lb.x0 >= ab.x1 or lb.x1 <= ab.x0 or lb.y0 >= ab.y1 or lb.y1 <= ab.y0
+        )
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, dpi=DPI, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write_text(out_png.with_suffix(".json"), json.dumps(facts, indent=1))
+    return out_png
+
+
+def labelled_cases(results: Sequence[Mapping[str, Any]]) -> dict[float, int]:
+    """Number of labelled training cases at each label fraction (the subsets are nested and the
+    same size for every seed)."""
+    out: dict[float, int] = {}
+    for r in results:
+        if r.get("train_ids") is not None:
+            out[float(r["fraction"])] = len(r["train_ids"])
+    return out
+
+
+def label_efficiency(
+    summary: Mapping[str, Any],
+    out_png: Path,
+    metric: str = "dice",
+    n_cases: Mapping[float, int] | None = None,
+) -> Path:
+    """Mean metric (over classes) vs the number of labelled training cases, on a log axis, one
+    line per (init, mode), sd band over seeds (none for a single seed)."""
+    n_cases = dict(n_cases or {})
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    lines: dict[tuple[str, str], list[tuple[float, float, float, int]]] = {}
     for e in summary["groups"]:
         a = e[metric]["avg"]
-        lines.setdefault((e["init"], e["mode"]), []).append((e["fraction"] * 100, a["mean"], a["std"]))
+        std = a["std"] if a["std"] is not None else float("nan")
+        lines.setdefault((e["init"], e["mode"]), []).append(
+            (float(e["fraction"]), a["mean"], std, int(e.get("n_seeds", 1)))
+        )
+    fracs = sorted({p[0] for pts in lines.values() for p in pts})
+
+    def xpos(f: float) -> float:  # labelled cases when known, else the percentage
+        return float(n_cases.get(f, f * 100))
+
     for (init, mode), pts in lines.items():
         pts.sort()
-        x = np.array([p[0] for p in pts])
-        m = np.array([p[1] for p in pts], dtype=float) * 100
+        x = np.array([xpos(p[0]) for p in pts])
+        m = np.array([np.nan if p[1] is None else p[1] for p in pts], dtype=float) * 100
         s = np.array([p[2] for p in pts], dtype=float) * 100
         style = "-" if mode == "finetune" else "--"
         (ln,) = ax.plot(x, m, style, marker="o", label=f"{init} ({mode})")
-        ax.fill_between(x, m - s, m + s, color=ln.get_color(), alpha=0.15)
-    ax.set_xlabel("labelled training cases (%)")
+        if all(p[3] > 1 for p in pts):
+            ax.fill_between(x, m - s, m + s, color=ln.get_color(), alpha=0.15)
+    ax.set_xscale("log")
+    ax.set_xticks([xpos(f) for f in fracs])
+    ax.set_xticklabels([f"{n_cases[f]}\n({f * 100:g}%)" if f in n_cases else f"{f * 100:g}%" for f in fracs])
+    ax.minorticks_off()
+    ax.set_xlabel("labelled training cases (log scale)" if n_cases else "labelled fraction (log scale)")
     ax.set_ylabel(f"mean {metric} (%)")
-    if len({x for pts in lines.values() for x, _, _ in pts}) > 2:
-        ax.set_xscale("log")
-        ax.set_xticks(sorted({x for pts in lines.values() for x, _, _ in pts}))
-        ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    leg = ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     ax.set_title("Label efficiency")
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
-    plt.close(fig)
-    return out_png
+    return _save(fig, ax, out_png, leg)
 
 
 def per_organ_bars(summary: Mapping[str, Any], out_png: Path, metric: str = "dice") -> Path:
@@ -62,18 +116,21 @@ def per_organ_bars(summary: Mapping[str, Any], out_png: Path, metric: str = "dic
         vals = [e[metric]["per_class"][c] for c in classes[:-1]] + [e[metric]["avg"]]
         m = np.array([np.nan if v["mean"] is None else v["mean"] for v in vals], dtype=float) * 100
         s = np.array([0 if v["std"] is None else v["std"] for v in vals], dtype=float) * 100
+        single = int(e.get("n_seeds", 1)) < 2  # no sd from one seed: no error bar
         ax.bar(
-            x + i * width - 0.4 + width / 2, m, width, yerr=s, label=f"{e['init']} ({e['mode']})", capsize=2
+            x + i * width - 0.4 + width / 2,
+            m,
+            width,
+            yerr=None if single else s,
+            label=f"{e['init']} ({e['mode']})",
+            capsize=2,
         )
     ax.set_xticks(x)
     ax.set_xticklabels(classes, rotation=45, ha="right")
     ax.set_ylabel(f"{metric} (%)")
     ax.set_title(f"Per class at {fmax * 100:g}% labels")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
-    plt.close(fig)
-    return out_png
+    leg = ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    return _save(fig, ax, out_png, leg)
 
 
 def best_worst_montage(
@@ -119,7 +176,7 @@ def best_worst_montage(
         for row in rows:
             row.center = c
         out = out_dir / f"montage_{tag}.png"
-        render_rows(rows, out, window=None, label_names=label_names, suptitle=f"{tag} case: {cid}")
+        render_rows(rows, out, window=None, label_names=label_names, suptitle=f"{tag} case: {cid}", dpi=DPI)
         paths.append(out)
     return paths
 
@@ -141,8 +198,9 @@ def make_all(
     pdir = out / "plots"
     pdir.mkdir(parents=True, exist_ok=True)
     made = []
+    n_cases = labelled_cases(results)
     for metric in summary["metrics"]:
-        made.append(label_efficiency(summary, pdir / f"label_efficiency_{metric}.png", metric))
+        made.append(label_efficiency(summary, pdir / f"label_efficiency_{metric}.png", metric, n_cases))
         made.append(per_organ_bars(summary, pdir / f"per_class_{metric}.png", metric))
     try:
         made += best_worst_montage(results, pdir, label_names, test_index)

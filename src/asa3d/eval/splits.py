@@ -1,4 +1,4 @@
-"""Label-efficiency subsets: nested, seeded, saved with the results (asa.md §10).
+"""Label-efficiency subsets: nested, seeded, saved with the results (docs/evaluation.md).
 
 For one seed, the training cases are permuted once with ``numpy.random.default_rng(seed)``;
 fraction ``f`` takes the first ``ceil(f * n)`` cases of that permutation (at least 1). So the
@@ -43,8 +43,7 @@ def fraction_tag(fraction: float) -> str:
 
 def save_subsets(path: str | Path, subsets: dict[int, dict[float, list[str]]]) -> Path:
     """Write ``{seed: {fraction: ids}}`` as JSON (keys as strings)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
+    from asa3d.atomic import atomic_write_text
+
     doc = {str(s): {f"{f:g}": ids for f, ids in fr.items()} for s, fr in subsets.items()}
-    p.write_text(json.dumps(doc, indent=1))
-    return p
+    return atomic_write_text(path, json.dumps(doc, indent=1))

@@ -1,51 +1,54 @@
-"""Initialise a MONAI SwinUNETR segmentation model from pretrained weights, counting every key.
+"""Initialise a segmentation model from pretrained weights, counting every key.
+
+What the network is (its parts, its encoder, its head, foreign layouts it reads) comes from the
+backbone spec (``asa3d.models.backbones``); this module only moves and counts tensors.
 
 Sources (``init.source``):
 - ``scratch``: MONAI's random initialisation;
 - an asa3d checkpoint ``*.pt`` (``format: asa3d-checkpoint/...``), via
   ``asa3d.export.transfer_state_from_checkpoint`` (teacher backbone, ``out.*`` dropped);
 - an asa3d export ``*.safetensors`` (+ JSON sidecar), via ``asa3d.export.read_export``;
-- MONAI's Swin UNETR self-supervised release ``model_swinvit.pt`` (``{"state_dict": {"module.*"}}``,
-  the layout ``SwinUNETR.load_from`` reads: encoder only, ``mlp.fc1/fc2`` names);
+- a foreign layout a backbone family registers (e.g. MONAI's released self-supervised encoder
+  weights, see ``asa3d.models.backbones``);
 - any other state dict (``{"state_dict"|"model"|"state": ...}`` or a bare dict), renamed by
   ``init.key_map`` rules ``"from_prefix:to_prefix"`` (first matching rule wins).
 
 Every load is counted: matched / missing / unexpected / shape-mismatched keys go to
-``transfer.json``. A load that leaves any key of the *expected* set unmatched (all of
-``swinViT.*``; for asa3d sources also encoder1-4, encoder10 and decoder1-5) raises
-``TransferError`` unless ``init.allow_partial`` is set: no silent ``strict=False``.
+``transfer.json``. A load that leaves any key of the *expected* set unmatched (the spec's encoder
+parts; for asa3d sources every part but the head) raises ``TransferError`` unless
+``init.allow_partial`` is set: no silent ``strict=False``. Parts the source's method did not train
+(its recorded ``transfer_parts``) are listed as ``untrained_parts``: their weights are random.
+Where the source recorded its backbone spec (asa3d checkpoints, exports, fine-tuned runs), it is
+compared with the target's and every difference is named (``spec_differences``), in the refusal
+message too.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from monai.networks.nets import SwinUNETR
 from monai.networks.utils import copy_model_state
 
-log = logging.getLogger(__name__)
+from asa3d.config_sections import ModelConfig
+from asa3d.eval.config_sections import InitConfig  # noqa: F401  re-exported (schema in a light module)
+from asa3d.models.backbones import (
+    DEFAULT_BACKBONE,
+    BackboneError,
+    BackboneSpec,
+    convert_known_layout,
+    default_spec,
+)
 
-ASA_PREFIXES = ("swinViT.", "encoder1.", "encoder2.", "encoder3.", "encoder4.", "encoder10.", "decoder")
+log = logging.getLogger(__name__)
 
 
 class TransferError(RuntimeError):
     """Pretrained weights do not fit the model (the message lists what did not match)."""
-
-
-@dataclass
-class InitConfig:
-    """Where the segmentation model's initial weights come from."""
-
-    source: str = "scratch"  # scratch | path to .pt checkpoint / .safetensors export / state dict
-    key_map: list[str] = field(default_factory=list)  # "from_prefix:to_prefix" rename rules
-    expect: Literal["auto", "encoder", "all"] = "auto"  # keys that must all match (auto: by source)
-    allow_partial: bool = False  # accept a load that leaves expected keys unmatched
 
 
 @dataclass
@@ -60,9 +63,17 @@ class TransferReport:
     expected_matched: int = 0
     metadata: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    spec_differences: list[str] = field(default_factory=list)  # source's recorded spec vs the target's
+
+    @property
+    def untrained_parts(self) -> list[str]:
+        """Parts the pretraining method never trained (random weights, however well they load)."""
+        parts = self.metadata.get("transfer_parts") or {}
+        return sorted(p for p, trained in parts.items() if not trained)
 
     def summary(self) -> dict[str, Any]:
         return {
+            "untrained_parts": self.untrained_parts,
             "source": self.source,
             "kind": self.kind,
             "n_matched": len(self.matched),
@@ -71,6 +82,7 @@ class TransferReport:
             "n_shape_mismatch": len(self.shape_mismatch),
             "expected": self.expected,
             "expected_matched": self.expected_matched,
+            "spec_differences": self.spec_differences,
         }
 
     def to_json(self) -> dict[str, Any]:
@@ -86,10 +98,13 @@ class TransferReport:
         return d
 
     def write(self, run_dir: str | Path) -> Path:
-        p = Path(run_dir) / "transfer.json"
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(json.dumps(self.to_json(), indent=1, default=str))
-        return p
+        import json
+
+        from asa3d.atomic import atomic_write_text
+
+        return atomic_write_text(
+            Path(run_dir) / "transfer.json", json.dumps(self.to_json(), indent=1, default=str)
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -122,24 +137,12 @@ def apply_key_map(
     return out
 
 
-def _swinvit_release_rename(key: str) -> str | None:
-    """``model_swinvit.pt`` key -> MONAI SwinUNETR key (the mapping ``SwinUNETR.load_from`` applies:
-    ``module.X`` -> ``swinViT.X`` and ``mlp.fc1/fc2`` -> ``mlp.linear1/linear2``). Other keys
-    (rotation / contrastive / reconstruction heads) have no counterpart: None."""
-    if not key.startswith("module."):
-        return None
-    rest = key[len("module.") :]
-    if not (rest.startswith("patch_embed.") or rest.startswith("layers")):
-        return None
-    rest = rest.replace(".mlp.fc1.", ".mlp.linear1.").replace(".mlp.fc2.", ".mlp.linear2.")
-    return "swinViT." + rest
-
-
 def read_source(
     source: str, key_map: Sequence[str] = ()
 ) -> tuple[dict[str, torch.Tensor], str, dict[str, Any]]:
-    """Load ``source`` -> (state dict in MONAI SwinUNETR keys, kind, metadata). Safe loading only
-    (``weights_only=True``; safetensors for exports)."""
+    """Load ``source`` -> (state dict in the network's own keys, kind, metadata). Safe loading only
+    (``weights_only=True``; safetensors for exports). A fine-tuned run's weights carry the
+    ``backbone`` spec and preprocessing its ``model.json`` records."""
     path = Path(source).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"init source {source!r} not found (use init.source=scratch or a file path)")
@@ -159,7 +162,12 @@ def read_source(
 
         state, meta = _split_state_meta(read_export(path))
         return apply_key_map(state, rules), "asa3d-export", meta
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    from asa3d.engine.checkpoint import CheckpointError, load_checkpoint
+
+    try:
+        obj = load_checkpoint(path)  # weights_only=True, with our own refusal message
+    except CheckpointError as exc:
+        raise TransferError(f"init.source: {exc}") from None
     if not isinstance(obj, Mapping):
         raise TransferError(f"{path}: expected a dict of tensors, got {type(obj).__name__}")
     if str(obj.get("format", "")).startswith("asa3d-checkpoint"):
@@ -170,18 +178,22 @@ def read_source(
         return apply_key_map(state, rules), "asa3d-checkpoint", meta
     if str(obj.get("format", "")).startswith("asa3d-finetune"):
         return apply_key_map(obj["state_dict"], rules), "asa3d-finetune", dict(obj.get("metadata", {}))
+    run_info = path.parent / "model.json"
+    if path.name.startswith("model_") and run_info.is_file():  # a fine-tuned run's weights
+        import json
+
+        info = json.loads(run_info.read_text())
+        meta = {k: info[k] for k in ("backbone", "preprocessing") if k in info}
+        return apply_key_map(dict(obj), rules), "state-dict", meta
     inner = obj
     for k in ("state_dict", "model", "state"):
         if k in obj and isinstance(obj[k], Mapping):
             inner = obj[k]
             break
     tensors = {k: v for k, v in inner.items() if isinstance(v, torch.Tensor)}
-    if not rules and any(k.startswith("module.layers") for k in tensors):
-        renamed = {}
-        for k, v in tensors.items():
-            nk = _swinvit_release_rename(k)
-            renamed[nk if nk else f"<unmapped>{k}"] = v
-        return renamed, "monai-swinvit-ssl", {}
+    known = None if rules else convert_known_layout(tensors)
+    if known is not None:  # e.g. MONAI's released self-supervised encoder weights
+        return known[0], known[1], {}
     return apply_key_map(tensors, rules), "state-dict", {}
 
 
@@ -199,12 +211,16 @@ def _split_state_meta(obj: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]
 # --------------------------------------------------------------------------------------------
 # loading into a model
 # --------------------------------------------------------------------------------------------
-def expected_keys(model_keys: Sequence[str], kind: str, expect: str = "auto") -> list[str]:
+def expected_keys(
+    model_keys: Sequence[str], kind: str, expect: str = "auto", spec: BackboneSpec | None = None
+) -> list[str]:
+    """Model keys that must all be matched: the encoder parts of the backbone spec, or every part
+    (all but the head) for asa3d's own sources."""
+    spec = spec or default_spec(ModelConfig(), 1)
     if expect == "auto":
         expect = "all" if kind in ("asa3d-checkpoint", "asa3d-export", "asa3d-finetune") else "encoder"
-    if expect == "encoder":
-        return [k for k in model_keys if k.startswith("swinViT.")]
-    return [k for k in model_keys if k.startswith(ASA_PREFIXES)]
+    prefixes = spec.encoder_prefixes() if expect == "encoder" else spec.prefixes()
+    return [k for k in model_keys if k.startswith(prefixes)]
 
 
 def load_into(
@@ -216,10 +232,12 @@ def load_into(
     expect: str = "auto",
     allow_partial: bool = False,
     metadata: Mapping[str, Any] | None = None,
+    spec: BackboneSpec | None = None,
 ) -> TransferReport:
     """Copy the matching tensors of ``state`` into ``model`` and count what matched."""
     dst = model.state_dict()
     report = TransferReport(source=source, kind=kind, metadata=dict(metadata or {}))
+    report.spec_differences = spec_differences(report.metadata, spec)
     shape_ok = {}
     for k, v in state.items():
         if k in dst:
@@ -234,7 +252,7 @@ def load_into(
         _, updated, _ = copy_model_state(model, shape_ok, inplace=True)
         report.matched = sorted(updated)
     report.missing = sorted(k for k in dst if k not in shape_ok)
-    exp = expected_keys(list(dst), kind, expect)
+    exp = expected_keys(list(dst), kind, expect, spec)
     report.expected = len(exp)
     report.expected_matched = sum(k in shape_ok for k in exp)
     if report.expected_matched < report.expected:
@@ -242,15 +260,36 @@ def load_into(
         msg = (
             f"{source}: only {report.expected_matched} of {report.expected} expected keys matched "
             f"({len(report.matched)} matched in all, {len(report.unexpected)} unexpected, "
-            f"{len(report.shape_mismatch)} with another shape). First unmatched: {lacking[:5]}. "
+            f"{len(report.shape_mismatch)} with another shape). "
+            f"{(spec or default_spec(ModelConfig(), 1)).explain_mismatch(state, dst)}"
+            + (
+                f"The source was pretrained on another network: {'; '.join(report.spec_differences)}. "
+                if report.spec_differences
+                else ""
+            )
+            + f"First unmatched: {lacking[:5]}. "
             "Check model.feature_size and the checkpoint, add init.key_map rules "
             "('from_prefix:to_prefix'), or pass init.allow_partial=true to accept a partial load."
         )
         if not allow_partial:
-            raise TransferError(msg)
+            err = TransferError(msg)
+            err.report = report  # type: ignore[attr-defined]  # init_model writes it to transfer.json
+            raise err
         report.warnings.append("partial load accepted (init.allow_partial): " + msg)
         log.warning(report.warnings[-1])
     return report
+
+
+def spec_differences(metadata: Mapping[str, Any], spec: BackboneSpec | None) -> list[str]:
+    """How the backbone a source recorded differs from the target's (head size aside)."""
+    recorded = metadata.get("backbone")
+    if not recorded or spec is None:
+        return []
+    try:
+        source_spec = BackboneSpec.from_dict(recorded, where="init source")
+    except BackboneError as exc:
+        return [f"the source records a backbone this asa3d cannot read ({exc})"]
+    return spec.differences(source_spec)
 
 
 def check_contract(report: TransferReport, contract: Mapping[str, Any] | None) -> list[str]:
@@ -276,11 +315,10 @@ def _norm(v: Any) -> Any:
     return v
 
 
-def build_model(model_kwargs: Mapping[str, Any]) -> SwinUNETR:
-    """``SwinUNETR(**kwargs)``, key names adapted to the installed MONAI by the backbone module."""
-    from asa3d.models.backbone import monai_swinunetr_kwargs
-
-    return SwinUNETR(**monai_swinunetr_kwargs(dict(model_kwargs)))
+def build_model(model_kwargs: Mapping[str, Any], backbone: str = DEFAULT_BACKBONE) -> torch.nn.Module:
+    """The network of the ``backbone`` family from ``model_kwargs``, key names adapted to the
+    installed MONAI by the backbone module."""
+    return BackboneSpec.create(backbone, model_kwargs).build()
 
 
 def init_model(
@@ -288,22 +326,40 @@ def init_model(
     init: InitConfig,
     run_dir: str | Path | None = None,
     contract: Mapping[str, Any] | None = None,
+    spec: BackboneSpec | None = None,
 ) -> TransferReport:
-    """Apply ``init`` to ``model`` in place; write ``run_dir/transfer.json``."""
+    """Apply ``init`` to ``model`` (the network of ``spec``) in place; write ``run_dir/transfer.json``."""
     if init.source in ("", "scratch", None):
         report = TransferReport(source="scratch", kind="scratch", missing=sorted(model.state_dict()))
     else:
         state, kind, meta = read_source(init.source, init.key_map)
-        report = load_into(
-            model,
-            state,
-            source=str(init.source),
-            kind=kind,
-            expect=init.expect,
-            allow_partial=init.allow_partial,
-            metadata=meta,
-        )
+        try:
+            report = load_into(
+                model,
+                state,
+                source=str(init.source),
+                kind=kind,
+                expect=init.expect,
+                allow_partial=init.allow_partial,
+                metadata=meta,
+                spec=spec,
+            )
+        except TransferError as exc:  # the refusal is recorded too: transfer.json says what was found
+            refused = getattr(exc, "report", None)
+            if run_dir is not None and refused is not None:
+                refused.warnings.append(f"refused: {exc}")
+                refused.write(run_dir)
+            raise
         check_contract(report, contract)
+        if report.spec_differences:
+            differs = "; ".join(report.spec_differences)
+            msg = f"{init.source}: its recorded network differs from this one (source vs target): {differs}"
+            log.warning(msg)
+            report.warnings.append(msg)
+        if report.untrained_parts:
+            msg = f"{init.source}: parts {report.untrained_parts} were not trained by its method (random)"
+            log.warning(msg)
+            report.warnings.append(msg)
         log.info("init from %s (%s): %s", init.source, kind, report.summary())
     if run_dir is not None:
         report.write(run_dir)

@@ -8,7 +8,13 @@ from asa3d.methods.base import METHODS, PretrainMethod, SampleSpec, StepOutput, 
 
 # Modules that register built-in methods on import. Peers (simmim, swin_ssl, voco, adam) are
 # added here as they land.
-BUILTIN_METHOD_MODULES = ("asa3d.methods.asa",)
+BUILTIN_METHOD_MODULES = (
+    "asa3d.methods.asa",
+    "asa3d.methods.simmim",
+    "asa3d.methods.swinssl",
+    "asa3d.methods.voco",
+    "asa3d.methods.adam",
+)
 
 
 def load_builtin_methods() -> None:

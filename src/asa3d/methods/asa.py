@@ -8,8 +8,9 @@ A round is an ordered list of phases. Each phase has a view generator and a subs
 
 Every head reads the stage-k hidden state, one token per p^3 sub-volume (p=16 -> stage 3). Only
 P1 with ``var`` runs the decoder; everything else runs the encoder up to stage k only, so the
-gradient of each term reaches exactly the parameters of spec §8. The teacher is an EMA copy of
-the whole student (heads included), always in eval mode, never given a gradient.
+gradient of each term reaches exactly the parameters listed in docs/methods/asa.md ("The method").
+The teacher is an EMA copy of the whole student (heads included), always in eval mode, never
+given a gradient.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from torch import nn
 
 from asa3d.config import ConfigError
 from asa3d.config_sections import ModelConfig
+from asa3d.data.sampling import SampleSpec
 from asa3d.methods.asa_losses import (
     appearance_loss,
     consistency_loss,
@@ -30,9 +32,15 @@ from asa3d.methods.asa_losses import (
     order_loss_1d_ce,
     order_loss_3d,
 )
-from asa3d.methods.base import PretrainMethod, SampleSpec, StepOutput, register_method
-from asa3d.models.backbone import SwinBackbone, encoder_parameter_names, stage_for_subvolume, tap_channels
-from asa3d.models.ema import cosine_momentum, ema_update_, make_teacher, param_pairs
+from asa3d.methods.base import StepOutput, register_method
+from asa3d.methods.student_teacher import StudentTeacherMethod
+from asa3d.models.backbones.swinunetr import (
+    SwinBackbone,
+    encoder_parameter_names,
+    stage_for_subvolume,
+    swin_stage_parts,
+    tap_channels,
+)
 from asa3d.models.heads import OrderHead, Projector
 from asa3d.views.related_crops import CropPair, related_crops
 from asa3d.views.resize import resize_volumes
@@ -81,7 +89,8 @@ def _default_phases() -> list[PhaseConfig]:
 
 @dataclass
 class ASAConfig:
-    """Keys under ``method:`` (with ``name: asa``). Defaults follow the paper (spec §13)."""
+    """Keys under ``method:`` (with ``name: asa``). Defaults follow the paper (docs/methods/asa.md,
+    "Configuration")."""
 
     phases: list[PhaseConfig] = field(default_factory=_default_phases)  # S11 (full ASA)
     order_target: Literal["3d", "1d"] = "3d"
@@ -183,7 +192,7 @@ def _flat(h: torch.Tensor) -> torch.Tensor:
 
 
 @register_method
-class ASA(PretrainMethod):
+class ASA(StudentTeacherMethod):
     """Anatomical consistency, sub-volume spatial relationships and appearance (ASA)."""
 
     name = "asa"
@@ -197,8 +206,7 @@ class ASA(PretrainMethod):
             self.stage = stage_for_subvolume(cfg.subvolume_size, model_cfg.patch_size)
         except ValueError as exc:
             raise ConfigError(f"method.subvolume_size: {exc}") from None
-        self.student = ASANetwork(model_cfg, cfg, self.stage)
-        self.teacher = make_teacher(self.student)  # made once; updated only by EMA
+        self.init_teacher(ASANetwork(model_cfg, cfg, self.stage))
         self._phase = {ph.name: ph for ph in cfg.phases}
 
     # ---- contract --------------------------------------------------------------------------
@@ -207,11 +215,6 @@ class ASA(PretrainMethod):
 
     def sample_spec(self, phase: str) -> SampleSpec:
         return SampleSpec(mode="whole")
-
-    def train(self, mode: bool = True) -> ASA:
-        super().train(mode)
-        self.teacher.eval()  # the teacher never runs drop-path
-        return self
 
     def phase_config(self, phase: str) -> PhaseConfig:
         if phase not in self._phase:
@@ -293,6 +296,26 @@ class ASA(PretrainMethod):
             loss = loss + cfg.lambda_local * (0.5 if sym else 1.0) * terms["local"]
         return StepOutput(loss=loss, terms=terms)
 
+    def image_summaries(self, batch: Mapping[str, Any], phase: str) -> dict[str, torch.Tensor]:
+        """Middle axial slices of the first volume: F_perm's input, permuted view and (with
+        appearance recovery) the student's reconstruction; F_src's two related crops."""
+        ph, cfg = self.phase_config(phase), self.cfg
+        images = batch["image"][:1]
+
+        def mid(v: torch.Tensor) -> torch.Tensor:
+            return v[0, 0, :, :, v.shape[-1] // 2]
+
+        if ph.view == "shuffle":
+            x = resize_volumes(images, cfg.input_size, cfg.resize_mode)
+            sh = shuffle_blocks(x, cfg.subvolume_size, cfg.perm_ratio)
+            out = {"input": mid(x), "permuted": mid(sh.x_perm)}
+            if "var" in ph.tasks:
+                out["reconstruction"] = mid(self.student.backbone.forward_full(sh.x_perm)[0])
+            return out
+        big = resize_volumes(images, cfg.p2_size, cfg.resize_mode)
+        pair = related_crops(big, cfg.input_size, cfg.subvolume_size, cfg.p2_max_offset_cells)
+        return {"crop1": mid(pair.crop1), "crop2": mid(pair.crop2)}
+
     # ---- EMA -------------------------------------------------------------------------------
     def ema_prefixes(self, phase: str) -> tuple[str, ...] | None:
         """Student parameter-name prefixes the EMA updates after a step of ``phase`` (None: all)."""
@@ -302,13 +325,6 @@ class ASA(PretrainMethod):
         enc = tuple("backbone.net." + n for n in encoder_parameter_names(self.stage, self.model_cfg.use_v2))
         return enc + ("global_proj.", "local_proj.")
 
-    @torch.no_grad()
-    def on_step_end(self, phase: str, global_iter: int, total_iters: int) -> dict[str, float]:
-        m = cosine_momentum(global_iter, total_iters, self.cfg.ema_momentum_start)
-        t, s = param_pairs(self.teacher, self.student, self.ema_prefixes(phase))
-        ema_update_(t, s, m)
-        return {"ema_momentum": m}
-
     # ---- transfer / monitoring ---------------------------------------------------------------
     def transfer_state_dict(self) -> dict[str, torch.Tensor]:
         """The TEACHER's SwinUNETR weights, every key including the 1-channel ``out`` conv; the
@@ -316,8 +332,11 @@ class ASA(PretrainMethod):
         return self.teacher.backbone.swinunetr_state_dict()
 
     def transfer_parts(self) -> dict[str, bool]:
-        trained = "var" in self.cfg.tasks()  # layers4, encoders and decoder learn only from L_var
-        return {"swinViT": True, "encoders": trained, "decoder": trained}
+        """Order and consistency tasks train the Swin stages up to the tap; layers beyond it, the
+        UNETR conv blocks and the decoder learn only from appearance recovery (L_var)."""
+        var = "var" in self.cfg.tasks()
+        tapped = set(swin_stage_parts(self.stage))
+        return {p: var or p in tapped for p in self.backbone_spec().parts}
 
     @torch.no_grad()
     def monitor_embeddings(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:

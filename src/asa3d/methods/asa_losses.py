@@ -1,4 +1,4 @@
-"""ASA loss terms as pure functions (spec §5.3 and §6.2). All are computed in fp32.
+"""ASA loss terms as pure functions (the ASA paper, Sec. 2; docs/methods/asa.md). All are computed in fp32.
 
 Consistency reduction (global and local terms):
 - ``sum``: squared l2 distance summed over the embedding dimension, averaged over vectors. For

@@ -10,7 +10,7 @@ Checklist for adding a method (see docs/methods/adding_a_method.md):
 2. View generators as pure batched tensor functions in ``views/``.
 3. ``configs/pretrain/<name>.yaml`` (paper scale) and ``<name>_tiny.yaml`` (CPU).
 4. Tests: views (invariants), losses (values on known inputs), gradient routing, a tiny run whose
-   loss goes down, export loadable into a plain MONAI SwinUNETR.
+   loss goes down, export loadable (strict) into the plain network of ``backbone_spec()``.
 5. ``docs/methods/<name>.md``: the method, its paper-vs-code switches, its tables.
 """
 
@@ -19,25 +19,16 @@ from __future__ import annotations
 import abc
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from asa3d.config_sections import ModelConfig
-
-
-@dataclass(frozen=True)
-class SampleSpec:
-    """What the data loader must deliver to the method for one phase.
-
-    ``whole``: every volume whole (a list of (1, X, Y, Z) tensors of varying shape; the method
-    resizes on the device). ``crop``: random crops of ``crop_size`` (padded if the volume is
-    smaller), stacked into (B, 1, *crop_size).
-    """
-
-    mode: Literal["whole", "crop"] = "whole"
-    crop_size: tuple[int, int, int] | None = None
+from asa3d.data.sampling import SampleSpec  # re-exported: the data layer owns it
+from asa3d.engine.param_groups import ParamGroup, decay_groups
+from asa3d.methods.dist_context import DistContext
+from asa3d.models.backbones.spec import BackboneSpec
 
 
 @dataclass
@@ -59,6 +50,7 @@ class PretrainMethod(nn.Module, abc.ABC):
         super().__init__()
         self.cfg = cfg
         self.model_cfg = model_cfg
+        self.dist = DistContext()  # replaced by the engine with the run's (all_gather etc.)
 
     # ---- what the engine asks -------------------------------------------------------------
     @abc.abstractmethod
@@ -78,30 +70,74 @@ class PretrainMethod(nn.Module, abc.ABC):
         For schedules that change per round (coarse-to-fine stages, queue warm-up): derive the
         state from ``round_index`` alone, so a resumed run sets exactly what an uninterrupted one did."""
 
+    def stage_starts(self, total_rounds: int) -> tuple[int, ...]:
+        """Rounds (0-based, the first 0) at which a new training stage begins, for curricula
+        trained as a chain of runs (Adam's coarse-to-fine stages): there the engine restarts the
+        LR schedule and clears the optimiser state (as a new optimiser would start); the method
+        state (weights, queues) carries on. Default: one stage."""
+        return (0,)
+
     def on_step_end(self, phase: str, global_iter: int, total_iters: int) -> dict[str, float]:
-        """Called after every optimiser step (EMA updates go here). Returns scalars to log."""
+        """The optimisation step's post-step hook: called right after every optimiser step that
+        changed the weights, never after a skipped one (EMA updates and queues go here). Every
+        rank calls it alike, so collectives (``self.dist``) are allowed. Returns scalars to log."""
         return {}
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         """Parameters the optimiser updates (the student and its heads, never a teacher)."""
         return (p for p in self.parameters() if p.requires_grad)
 
+    # norms and biases out of weight decay (SimMIM-style); off where the paper decays everything
+    no_decay_on_norm_and_bias: ClassVar[bool] = False
+
+    def param_groups(self, weight_decay: float) -> list[ParamGroup]:
+        """Optimiser groups over ``trainable_parameters()``, each with its weight decay and LR
+        scale (the schedule multiplies ``train.lr x lr_scale``). Override for layer-wise decay
+        or a faster head; ``asa3d.engine.param_groups.decay_groups`` does the usual split."""
+        params = list(self.trainable_parameters())
+        if not self.no_decay_on_norm_and_bias:
+            return [ParamGroup("all", params, weight_decay, 1.0)]
+        return decay_groups(self, weight_decay, only=params)
+
+    def backbone_spec(self) -> BackboneSpec:
+        """The network whose weights ``transfer_state_dict()`` holds (class, kwargs, named parts,
+        head). Recorded in every checkpoint and export; the default is MONAI's SwinUNETR built
+        from the ``model:`` section."""
+        from asa3d.models.backbones.swinunetr import swinunetr_spec
+
+        return swinunetr_spec(self.model_cfg, 1)
+
     @abc.abstractmethod
     def transfer_state_dict(self) -> dict[str, torch.Tensor]:
-        """Weights to transfer downstream, keyed exactly as a plain MONAI ``SwinUNETR``'s
-        ``state_dict()`` (the teacher for student-teacher methods). Heads are not included."""
+        """Weights to transfer downstream, keyed exactly as the plain network of
+        ``backbone_spec()`` (the teacher for student-teacher methods). Heads are not included."""
 
     def transfer_parts(self) -> dict[str, bool]:
-        """Which parts of the SwinUNETR this method actually trains (for results tables)."""
-        return {"swinViT": True, "encoders": True, "decoder": True}
+        """Which parts of ``backbone_spec().parts`` this method actually trains (for results
+        tables and probes: an untrained part holds random weights). Every part must be named."""
+        return {p: True for p in self.backbone_spec().parts}
+
+    def buffer_policy(self) -> dict[str, str]:
+        """How each buffer is kept across ranks: ``{name_prefix: "broadcast" | "sync_bn" |
+        "gathered" | "local"}`` (see ``asa3d.methods.dist_context``). Undeclared buffers are
+        broadcast from rank 0 after every step."""
+        return {}
 
     def monitor_embeddings(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """Embeddings for health monitors, e.g. ``{"teacher": (B, D), "student": (B, D)}``.
         Empty when the method has nothing to monitor. Called under ``torch.no_grad``."""
         return {}
 
+    def image_summaries(self, batch: Mapping[str, Any], phase: str) -> dict[str, torch.Tensor]:
+        """2D pictures of what the method sees and makes, ``{"input": (H, W), ...}`` in [0, 1],
+        written to TensorBoard every ``train.image_every`` iterations. Called under
+        ``torch.no_grad`` with the RNG state forked, so drawing views here changes nothing in
+        training. Empty by default."""
+        return {}
+
     def backbone_kwargs(self, out_channels: int = 1) -> dict[str, Any]:
-        return self.model_cfg.swinunetr_kwargs(out_channels)
+        """Kept for callers: the kwargs of ``backbone_spec()`` with ``out_channels`` outputs."""
+        return dict(self.backbone_spec().with_outputs(out_channels).kwargs)
 
 
 METHODS: dict[str, type[PretrainMethod]] = {}
