@@ -137,6 +137,16 @@ def test_2d_transfer_loads_into_plain_monai_resnet() -> None:
     assert full.backbone_spec().kwargs["block"] == "bottleneck" and full.queue.size == 65536
     assert full.student.projector[0].in_features == 2048 and full.in_ch == 3
     assert (full.cfg.temperature, full.cfg.key_momentum, full.cfg.gamma) == (0.2, 0.999, 0.8)
+    # the paper's torchvision ResNet-50 halves the resolution in its stem (MONAI's default keeps it)
+    stem = full.student.encoder.conv1
+    assert full.backbone_spec().kwargs["conv1_t_stride"] == 2 and stem.stride == (2, 2)
+    x = torch.zeros(1, 3, 64, 64)
+    assert stem(x).shape[-2:] == (32, 32)
+    kept = _method(resnet_stem_stride=1)
+    assert kept.student.encoder.conv1.stride == (1, 1)
+    assert ResNet(**kept.backbone_spec().kwargs).conv1.stride == (1, 1)  # recorded for the downstream
+    with pytest.raises(ConfigError, match="resnet_stem_stride=3: 1 or 2"):
+        _method(resnet_stem_stride=3)
 
 
 def test_3d_swin_variant_transfers_swinvit() -> None:

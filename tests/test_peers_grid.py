@@ -1,9 +1,9 @@
-"""The shipped evaluation grid over {scratch, ASA, SimMIM-3D, Swin UNETR SSL, VoCo},
+"""The shipped evaluation grid over {scratch, ASA, SimMIM-3D, Swin UNETR SSL, VoCo, Adam-3D},
 ``configs/evaluate/peers_tiny.yaml``: it resolves (every init's pretraining config loads with its
-overrides and names its method), and it runs end to end: each method pretrains from its tiny config
-through ``asa3d pretrain`` (a subprocess, as ``asa3d evaluate`` launches it), its checkpoint becomes
-a grid init, every init fine-tunes, scores and reports what it loaded (transfer.json); the exports
-of those checkpoints load the same parts."""
+overrides, names its method and builds the fine-tune's network), and it runs end to end: each
+method pretrains from its tiny config in process (as ``asa3d evaluate`` runs it), its checkpoint
+becomes a grid init, every init fine-tunes, scores and reports what it loaded (transfer.json); the
+exports of those checkpoints load the same parts."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from asa3d.eval.evaluate import run_grid
 from asa3d.eval.transfer import expected_keys
 
 GRID = "evaluate/peers_tiny.yaml"
-INITS = ["scratch", "asa", "simmim", "swinssl", "voco"]
+INITS = ["scratch", "asa", "simmim", "swinssl", "voco", "adam"]
 # CI scale on top of the shipped overrides: one step per phase of one volume on a coarse grid, and
 # VoCo on 2x2 bases with one random crop (the backbone is untouched: the fine-tune must load it)
 SHRINK = [
@@ -54,12 +54,14 @@ def test_shipped_peers_grid_resolves(phantom_dataset: Path) -> None:
         assert pre.method["name"] == spec.name
         t = pre.train
         assert t.max_iters_per_phase == 2 and t.lr_schedule == "constant"
+        stages = len(pre.method.get("levels", [0]))  # Adam: one round per coarse-to-fine stage
         assert (
-            (t.epochs == 1 and t.warmup_epochs == 0)
+            (t.epochs == stages and t.warmup_epochs == 0)
             if not t.step_based
             else (t.total_steps == 2 and t.warmup_steps == 0)
         )
-        assert pre.model.feature_size == cfg.model.feature_size  # the fine-tune builds the same network
+        for key in ("feature_size", "depths", "num_heads", "window_size"):  # the fine-tune's network
+            assert getattr(pre.model, key) == getattr(cfg.model, key), (spec.name, key)
 
 
 @pytest.mark.slow

@@ -53,6 +53,9 @@ class AdamConfig:
     backbone: Literal["resnet", "swinunetr"] = "resnet"  # swinunetr: 3D only, the model: section
     resnet_depth: int = 50  # 10 | 18 | 34 | 50 (MONAI ResNet)
     resnet_widths: list[int] = field(default_factory=lambda: [64, 128, 256, 512])
+    # the 7x7 stem's stride. 2: the paper's ResNet-50 (torchvision's layout); MONAI's own default
+    # is 1 (MedicalNet's), which keeps twice the resolution at four times the stem-onwards compute
+    resnet_stem_stride: int = 2
     in_channels: int | None = None  # None: 3 in 2D (grey replicated, ImageNet-normalised), 1 in 3D
     normalize: Literal["imagenet", "none"] | None = None  # None: imagenet in 2D, none in 3D
     proj_hidden_dim: int = 2048
@@ -91,6 +94,8 @@ class AdamConfig:
             raise ConfigError(
                 "method.backbone=swinunetr is 3D only; set method.spatial_dims=3 or backbone=resnet."
             )
+        if self.resnet_stem_stride not in (1, 2):
+            raise ConfigError(f"method.resnet_stem_stride={self.resnet_stem_stride}: 1 or 2.")
         if not self.levels or any(n < 0 for n in self.levels):
             raise ConfigError(f"method.levels={self.levels}: a non-empty list of levels >= 0.")
         if self.stage_epochs is not None and (
@@ -174,7 +179,12 @@ class Adam(StudentTeacherMethod):
         self.in_ch = int(cfg.resolved("in_channels"))
         if cfg.backbone == "resnet":
             self.spec: BackboneSpec | None = resnet_spec(
-                cfg.resnet_depth, cfg.spatial_dims, self.in_ch, 1, tuple(cfg.resnet_widths)
+                cfg.resnet_depth,
+                cfg.spatial_dims,
+                self.in_ch,
+                1,
+                tuple(cfg.resnet_widths),
+                conv1_t_stride=cfg.resnet_stem_stride,
             )
             net = self.spec.build()
             feat = int(net.fc.in_features)
