@@ -267,13 +267,19 @@ class BackboneSpec:
             if theirs.get(k) != mine.get(k)
         ]
 
+    def adopts(self, recorded: Mapping[str, Any] | None) -> bool:
+        """Whether a source that recorded ``recorded`` (a spec dict) is this network's encoder family."""
+        embedded = self.kind.embeds
+        return embedded is not None and bool(recorded) and recorded.get("name") == embedded[0]  # type: ignore[union-attr]
+
     def adopt(self, state: Mapping[str, torch.Tensor], recorded: Mapping[str, Any] | None) -> dict[str, torch.Tensor]:
         """``state`` in this network's keys: a state of the family this network embeds as its
         encoder (the source's ``recorded`` spec says so) is renamed into the encoder (its head
         dropped); any other state is returned as it is."""
-        embedded = self.kind.embeds
-        if embedded is None or not recorded or recorded.get("name") != embedded[0]:
+        if not self.adopts(recorded):
             return dict(state)
+        embedded = self.kind.embeds
+        assert embedded is not None
         out = {}
         for k, v in state.items():
             nk = embedded[2](k)
