@@ -111,7 +111,11 @@ LUNG_LABEL = 13  # PHANTOM_LABELS
 
 
 def add_findings(
-    hu: np.ndarray, lab: np.ndarray, findings: Sequence[str], rng: np.random.Generator, spacing: Sequence[float]
+    hu: np.ndarray,
+    lab: np.ndarray,
+    findings: Sequence[str],
+    rng: np.random.Generator,
+    spacing: Sequence[float],
 ) -> np.ndarray:
     """``hu`` with ``findings`` painted into the lungs (label ``LUNG_LABEL``), each in a lung side
     drawn from ``rng``: ``mass`` a soft-tissue ball (radius 30 mm, 40 HU), ``effusion`` fluid (10 HU)

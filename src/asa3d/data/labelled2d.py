@@ -173,8 +173,10 @@ def _chestxray14(root: Path, task: str, split: str) -> Labelled2D:
 def _json(js: Path, task: str, split: str) -> Labelled2D:
     doc = json.loads(js.read_text())
     if int(doc.get("spatial_dims", 3)) != 2:
-        raise DataError(f"{js}: not a 2D dataset.json (set \"spatial_dims\": 2).", js)
-    lists = sorted(k for k, v in doc.items() if isinstance(v, list) and k not in ("mask_channels", "findings"))
+        raise DataError(f'{js}: not a 2D dataset.json (set "spatial_dims": 2).', js)
+    lists = sorted(
+        k for k, v in doc.items() if isinstance(v, list) and k not in ("mask_channels", "findings")
+    )
     _check_split(split, lists, str(js))
     cases = []
     if task == "segmentation":
@@ -183,7 +185,9 @@ def _json(js: Path, task: str, split: str) -> Labelled2D:
             raise DataError(f"{js}: segmentation needs 'mask_channels' (the names of the mask channels).", js)
         for e in doc[split]:
             if "mask" not in e:
-                raise DataError(f"{js}: entry {e.get('id', e['image'])} has no 'mask' (.npz with masks, names).", js)
+                raise DataError(
+                    f"{js}: entry {e.get('id', e['image'])} has no 'mask' (.npz with masks, names).", js
+                )
             with np.load(js.parent / e["mask"]) as z:
                 target = flatten_masks(z["masks"], [str(n) for n in z["names"]], classes)
             cases.append(Case2D(str(e["id"]), _reader(str(js.parent / e["image"])), target))

@@ -354,12 +354,16 @@ def compare_grid_auc(
                     by_a = {row["id"]: row for row in ra[s]}
                     by_b = {row["id"]: row for row in rb[s]}
                     if set(by_a) != set(ids) or set(by_b) != set(ids):
-                        raise ValueError(f"{name} vs {reference} ({mode}, {frac}, seed {s}): other test images")
+                        raise ValueError(
+                            f"{name} vs {reference} ({mode}, {frac}, seed {s}): other test images"
+                        )
                     _, xa, tgt = rows_to_arrays([by_a[i] for i in ids])
                     pb.append(rows_to_arrays([by_b[i] for i in ids])[1])
                     pa.append(xa)
                 res = auc_bootstrap_test(np.stack(pa), np.stack(pb), tgt, n_boot=n_boot, level=level)
-                res.update(metric="auc", init=name, reference=reference, mode=mode, fraction=frac, seeds=seeds)
+                res.update(
+                    metric="auc", init=name, reference=reference, mode=mode, fraction=frac, seeds=seeds
+                )
                 family.append(res)
     adjusted = holm([c["p_value"] for c in family])
     n_tested = sum(c["p_value"] is not None for c in family)

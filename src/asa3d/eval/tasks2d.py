@@ -53,7 +53,9 @@ class Images2D(Dataset):
         if self.size is not None and tuple(image.shape[1:]) != (self.size, self.size):
             image = F.interpolate(image[None], size=(self.size,) * 2, mode="area")[0]
             if seg:
-                target = F.interpolate(target[None, None].float(), size=(self.size,) * 2, mode="nearest")[0, 0]
+                target = F.interpolate(target[None, None].float(), size=(self.size,) * 2, mode="nearest")[
+                    0, 0
+                ]
         label = target.long()[None] if seg else target.float()
         return {"image": image, "label": label, "id": case.id}
 
@@ -136,7 +138,9 @@ def predict(
             out = logits.sigmoid() if cfg.task == "classification" else logits.argmax(1)
             ids += list(batch["id"])
             outs += list(out.cpu().numpy())
-            targets += list(batch["label"].numpy() if cfg.task == "classification" else batch["label"][:, 0].numpy())
+            targets += list(
+                batch["label"].numpy() if cfg.task == "classification" else batch["label"][:, 0].numpy()
+            )
     finally:
         net.train(was_training)
     return ids, outs, targets
@@ -161,7 +165,15 @@ def score_images(
             )
             continue
         m = case_metrics(out, t, n_classes, spacing=(1.0, 1.0), metrics=cfg.eval.metrics)
-        rows.append({"id": i, **{k: {names.get(c, f"class{c}"): v for c, v in zip(range(1, n_classes), vals, strict=True)} for k, vals in m.items()}})
+        rows.append(
+            {
+                "id": i,
+                **{
+                    k: {names.get(c, f"class{c}"): v for c, v in zip(range(1, n_classes), vals, strict=True)}
+                    for k, vals in m.items()
+                },
+            }
+        )
     return rows
 
 
@@ -182,8 +194,12 @@ def auc_per_class(probs: np.ndarray, targets: np.ndarray) -> np.ndarray:
 def rows_to_arrays(rows: Sequence[Mapping[str, Any]]) -> tuple[list[str], np.ndarray, np.ndarray]:
     """(finding names, probabilities (N, K), targets (N, K)) of per-image rows."""
     names = list(rows[0]["prob"]) if rows else []
-    probs = np.array([[r["prob"][n] for n in names] for r in rows], dtype=float).reshape(len(rows), len(names))
-    targets = np.array([[r["target"][n] for n in names] for r in rows], dtype=float).reshape(len(rows), len(names))
+    probs = np.array([[r["prob"][n] for n in names] for r in rows], dtype=float).reshape(
+        len(rows), len(names)
+    )
+    targets = np.array([[r["target"][n] for n in names] for r in rows], dtype=float).reshape(
+        len(rows), len(names)
+    )
     return names, probs, targets
 
 

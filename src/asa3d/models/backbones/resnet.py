@@ -162,11 +162,20 @@ class ResNetUNet(nn.Module):
         return self.segmentation_head(self.decoder(self.features(x), 3))
 
 
+def _unet_input(kwargs: Mapping[str, Any], size: Any) -> str | None:
+    # four halvings (max-pool, layers 2-4): MONAI's decoder pads only where sides divide evenly
+    if any(int(s) % 16 for s in size):
+        return "every side must be a multiple of 16 (the encoder halves it four times)"
+    return None
+
+
 def _unet_adapt(kwargs: dict[str, Any]) -> dict[str, Any]:
     params = inspect.signature(ResNetUNet.__init__).parameters
     unknown = sorted(k for k in kwargs if k not in params)
     if unknown:
-        raise TypeError(f"ResNetUNet does not accept {unknown}; valid: {sorted(p for p in params if p != 'self')}")
+        raise TypeError(
+            f"ResNetUNet does not accept {unknown}; valid: {sorted(p for p in params if p != 'self')}"
+        )
     return dict(kwargs)
 
 
@@ -197,6 +206,7 @@ register_backbone(
             lambda key: None if key.startswith("fc.") else "encoder." + key,
         ),
         from_options=_unet_options,
+        check_input=_unet_input,
     )
 )
 

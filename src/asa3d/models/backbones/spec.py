@@ -62,7 +62,9 @@ class BackboneKind:
     explain: Callable[[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor]], list[str]] | None = None
     # a network that embeds another family as its encoder (a U-Net on a ResNet): (that family, the
     # kwargs of the embedded network as that family names them, its key -> our key or None to drop)
-    embeds: tuple[str, Callable[[Mapping[str, Any]], dict[str, Any]], Callable[[str], str | None]] | None = None
+    embeds: tuple[str, Callable[[Mapping[str, Any]], dict[str, Any]], Callable[[str], str | None]] | None = (
+        None
+    )
     # (options of the ``network:`` config section, outputs) -> kwargs: how a downstream config names it
     from_options: Callable[[Mapping[str, Any], int], dict[str, Any]] | None = None
 
@@ -104,7 +106,9 @@ def network_spec(name: str, options: Mapping[str, Any], out: int) -> BackboneSpe
     outputs (classes or label channels)."""
     kind = kind_of(name)
     if kind.from_options is None:
-        raise BackboneError(f"backbone {name} cannot be built from network.options; known: {downstream_names()}")
+        raise BackboneError(
+            f"backbone {name} cannot be built from network.options; known: {downstream_names()}"
+        )
     try:
         kwargs = kind.from_options(dict(options), int(out))
     except (TypeError, ValueError) as exc:
@@ -272,7 +276,9 @@ class BackboneSpec:
         embedded = self.kind.embeds
         return embedded is not None and bool(recorded) and recorded.get("name") == embedded[0]  # type: ignore[union-attr]
 
-    def adopt(self, state: Mapping[str, torch.Tensor], recorded: Mapping[str, Any] | None) -> dict[str, torch.Tensor]:
+    def adopt(
+        self, state: Mapping[str, torch.Tensor], recorded: Mapping[str, Any] | None
+    ) -> dict[str, torch.Tensor]:
         """``state`` in this network's keys: a state of the family this network embeds as its
         encoder (the source's ``recorded`` spec says so) is renamed into the encoder (its head
         dropped); any other state is returned as it is."""
