@@ -131,7 +131,7 @@ class NetworkConfig:
 class Image2DConfig:
     """How 2D images enter the network (``image2d.*``): as the pretraining fed them."""
 
-    channels: int = 1  # 3: grey replicated to three channels (Adam's published ResNet-50)
+    channels: int = 1  # 3: grey replicated to three channels (as Adam's published 2D pretraining)
     normalize: Literal["none", "imagenet"] = "none"  # imagenet: mean/std (one channel: 0.449 / 0.226)
     size: int | None = None  # resize every image to size x size (ChestX-ray14: 224); None: as stored
     batch_size: int = 16  # images per forward at scoring time
