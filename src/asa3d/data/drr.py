@@ -30,6 +30,8 @@ from asa3d.data.phantom import PHANTOM_LABELS, make_phantom
 __all__ = [
     "DRR",
     "MU_WATER_PER_MM",
+    "FINDINGS",
+    "add_findings",
     "body_mask",
     "phantom_drr",
     "project_labels",
@@ -102,17 +104,74 @@ def project_labels(label: np.ndarray, classes: Sequence[int]) -> np.ndarray:
     return out
 
 
+# Phantom "findings" for the embedded classification task: alterations of the lungs a radiograph
+# shows, painted into the CT before it is projected (asa3d.data.labelled2d draws them per image).
+FINDINGS: tuple[str, ...] = ("mass", "effusion", "consolidation")
+LUNG_LABEL = 13  # PHANTOM_LABELS
+
+
+def add_findings(
+    hu: np.ndarray,
+    lab: np.ndarray,
+    findings: Sequence[str],
+    rng: np.random.Generator,
+    spacing: Sequence[float],
+) -> np.ndarray:
+    """``hu`` with ``findings`` painted into the lungs (label ``LUNG_LABEL``), each in a lung side
+    drawn from ``rng``: ``mass`` a soft-tissue ball (radius 30 mm, 40 HU), ``effusion`` fluid (10 HU)
+    filling the lowest third of the lung's height, ``consolidation`` its upper third at -100 HU."""
+    unknown = sorted(set(findings) - set(FINDINGS))
+    if unknown:
+        raise ValueError(f"unknown phantom findings {unknown}; known: {list(FINDINGS)}")
+    hu = hu.copy()
+    lung = lab == LUNG_LABEL
+    xs = np.nonzero(lung.any(axis=(1, 2)))[0]
+    if xs.size == 0:
+        return hu
+    mid = (int(xs.min()) + int(xs.max())) // 2
+    for name in findings:
+        side = lung.copy()
+        if rng.random() < 0.5:
+            side[mid:] = False
+        else:
+            side[:mid] = False
+        zs = np.nonzero(side.any(axis=(0, 1)))[0]
+        lo, hi = int(zs.min()), int(zs.max())
+        third = max(1, (hi - lo + 1) // 3)
+        if name == "mass":
+            pts = np.argwhere(side)
+            c = pts[rng.integers(len(pts))]
+            grid = np.indices(hu.shape).astype(np.float32)
+            d2 = sum(((grid[a] - c[a]) * float(spacing[a])) ** 2 for a in range(3))
+            hu[(d2 <= 30.0**2) & lung] = 40.0
+        elif name == "effusion":
+            region = side.copy()
+            region[:, :, lo + third :] = False
+            hu[region] = 10.0
+        else:  # consolidation
+            region = side.copy()
+            region[:, :, : hi - third + 1] = False
+            hu[region] = -100.0
+    return hu
+
+
 def phantom_drr(
     seed: int | Sequence[int],
     shape: Sequence[int] = (96, 80, 96),
     spacing: Sequence[float] = (4.0, 4.0, 4.0),
     label_names: Mapping[int, str] = PHANTOM_LABELS,
+    findings: Sequence[str] = (),
 ) -> DRR:
     """The DRR of one phantom subject, chest field of view: a phantom twice as tall as
-    ``shape[2]`` is generated and its upper half (z from the volume centre up) projected."""
+    ``shape[2]`` is generated and its upper half (z from the volume centre up) projected;
+    ``findings`` (``FINDINGS``) are painted into its lungs first (``add_findings``, seeded by
+    ``seed``)."""
     x, y, z = (int(s) for s in shape)
     hu, lab, _ = make_phantom(seed, (x, y, 2 * z), spacing)
     hu, lab = hu[:, :, z:], lab[:, :, z:]
+    if findings:
+        seq = list(seed) if isinstance(seed, Sequence) else [int(seed)]
+        hu = add_findings(hu, lab, findings, np.random.default_rng([*seq, 7]), spacing)
     classes = [k for k in sorted(label_names) if k != 0]
     image, p = radiograph(hu, spacing)
     return DRR(

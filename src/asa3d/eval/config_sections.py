@@ -45,6 +45,7 @@ class FinetuneTrainConfig:
     rot90_prob: float = 0.1  # axial plane, k in {1, 2, 3}
     shift_prob: float = 0.5
     shift_offset: float = 0.1  # intensity offset drawn from U(-offset, offset)
+    rotation_deg: float = 7.0  # 2D only: in-plane rotation drawn from U(-deg, deg) (Adam's protocol)
     grad_clip: float | None = None
     seed: int = 0
     device: str = "auto"
@@ -117,6 +118,31 @@ class InferenceConfig:
             )
 
 
+@dataclass
+class NetworkConfig:
+    """The downstream network (``network.*``): ``default`` is the ``model:`` section's; any other
+    name is a backbone family that builds from ``options`` (docs/evaluation.md, "2D tasks")."""
+
+    name: str = "default"
+    options: dict[str, Any] = field(default_factory=dict)  # e.g. depth, widths, in_channels
+
+
+@dataclass
+class Image2DConfig:
+    """How 2D images enter the network (``image2d.*``): as the pretraining fed them."""
+
+    channels: int = 1  # 3: grey replicated to three channels (as Adam's published 2D pretraining)
+    normalize: Literal["none", "imagenet"] = "none"  # imagenet: mean/std (one channel: 0.449 / 0.226)
+    size: int | None = None  # resize every image to size x size (ChestX-ray14: 224); None: as stored
+    batch_size: int = 16  # images per forward at scoring time
+
+    def validate(self) -> None:
+        if self.channels not in (1, 3):
+            raise ConfigError(f"image2d.channels={self.channels}: 1 or 3")
+        if self.size is not None and self.size < 16:
+            raise ConfigError(f"image2d.size={self.size}: at least 16 pixels")
+
+
 def _finetune_data() -> DataConfig:
     return DataConfig(preprocess=PreprocessConfig(spacing=(1.5, 1.5, 1.5)))
 
@@ -126,12 +152,30 @@ class FinetuneConfig:
     """``asa3d finetune`` / ``asa3d probe``."""
 
     mode: Literal["finetune", "probe", "strict_linear"] = "finetune"
+    # segmentation (label maps; 3D volumes or 2D images) or classification (2D images, multi-label)
+    task: Literal["segmentation", "classification"] = "segmentation"
     model: ModelConfig = field(default_factory=ModelConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
     data: DataConfig = field(default_factory=_finetune_data)
+    image2d: Image2DConfig = field(default_factory=Image2DConfig)
     train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)
     init: InitConfig = field(default_factory=InitConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     eval: InferenceConfig = field(default_factory=InferenceConfig)
+
+    def validate(self) -> None:
+        if self.task == "classification":
+            if list(self.eval.metrics) != ["auc"]:
+                raise ConfigError(
+                    f"task=classification is scored by AUC: set eval.metrics=[auc] (got {self.eval.metrics})."
+                )
+            if self.train.select == "best" or self.mode == "strict_linear":
+                raise ConfigError(
+                    "task=classification: train.select=final and mode finetune or probe (a linear "
+                    "head on the frozen encoder)."
+                )
+        elif "auc" in self.eval.metrics:
+            raise ConfigError("eval.metrics: auc scores task=classification; segmentation: dice, hd95, nsd.")
 
 
 @dataclass

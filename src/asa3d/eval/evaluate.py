@@ -42,6 +42,7 @@ from asa3d.eval.finetune import (
     FinetuneConfig,
     check_input_sizes,
     finetune_spec,
+    is_2d,
     load_index,
     run_finetune,
     total_iterations,
@@ -197,8 +198,9 @@ def run_grid(
         root = str(make_phantom(out, g.phantom, overwrite))
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=root))
     save_config(cfg, out / "config.yaml")
-    train_index = load_index(cfg.data)
-    test_index = load_index(cfg.data, cfg.eval.split)
+    task = cfg.task if is_2d(cfg) else None  # 2D images: labelled per task (asa3d.data.labelled2d)
+    train_index = load_index(cfg.data, task=task)
+    test_index = load_index(cfg.data, cfg.eval.split, task)
     ids = [c.id for c in train_index.cases]
     subsets = {s: nested_subsets(ids, g.fractions, s) for s in g.seeds}
     save_subsets(out / "subsets.json", subsets)
@@ -333,7 +335,7 @@ def _run_cell(
         "loss_last": doc.get("loss_last"),
         "seconds": doc.get("seconds"),
         "transfer": doc.get("transfer"),
-        "predictions": str(run_dir / "predictions") if cell.keep_pred else None,
+        "predictions": str(run_dir / "predictions") if (run_dir / "predictions").is_dir() else None,
     }
     _atomic_json(cdir / "result.json", result)
     return json.loads((cdir / "result.json").read_text())

@@ -36,7 +36,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.losses import DiceCELoss, DiceLoss
 
 from asa3d import __version__, provenance
 from asa3d.atomic import atomic_write_text, atomic_write_with, remove_stale_tmp
@@ -66,7 +65,7 @@ from asa3d.eval.config_sections import (  # noqa: F401  re-exported: the schemas
 from asa3d.eval.probe import frozen_parts, prepare_model
 from asa3d.eval.results import json_text, score_cases, summarise, write_csv, write_per_case_csv
 from asa3d.eval.transfer import TransferReport, init_model
-from asa3d.models.backbones import BackboneError, BackboneSpec, default_spec
+from asa3d.models.backbones import BackboneError, BackboneSpec, default_spec, network_spec
 from asa3d.progress import BarFactory, console_bar
 
 log = logging.getLogger(__name__)
@@ -209,9 +208,23 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
     atomic_write_with(path, lambda f: torch.save(obj, f))
 
 
-def load_index(data: DataConfig, split: str | None = None) -> Any:
-    """The cached, labelled index of ``split`` (default: ``data.split``)."""
+def is_2d(cfg: FinetuneConfig) -> bool:
+    """A task on 2D images (radiographs; ``asa3d.eval.tasks2d``): classification always."""
+    from asa3d.data.dataset2d import is_2d_source
+
+    return cfg.task == "classification" or is_2d_source(cfg.data)
+
+
+def load_index(data: DataConfig, split: str | None = None, task: str | None = None) -> Any:
+    """The labelled index of ``split`` (default: ``data.split``): the CT cache, or for 2D images
+    (``task`` given, or a 2D source) the labelled images of ``asa3d.data.labelled2d``."""
+    from asa3d.data.dataset2d import is_2d_source
     from asa3d.data.prepare import ensure_cache
+
+    if task == "classification" or is_2d_source(data):
+        from asa3d.data.labelled2d import labelled_2d
+
+        return labelled_2d(data, task or "segmentation", split)
 
     cfg = data if split is None else dataclasses.replace(data, split=split)
     return ensure_cache(cfg, with_labels=True, progress=True)  # a bar on a terminal only
@@ -219,8 +232,19 @@ def load_index(data: DataConfig, split: str | None = None) -> Any:
 
 def finetune_spec(cfg: FinetuneConfig, n_classes: int) -> BackboneSpec:
     """The backbone spec of the downstream network, with one output per class: the network the
-    ``model:`` section describes (the default backbone family)."""
-    return default_spec(cfg.model, n_classes)
+    ``model:`` section describes (the default backbone family), or the family ``network.name``
+    names, built from ``network.options``."""
+    if cfg.network.name == "default":
+        if is_2d(cfg):
+            raise ConfigError(
+                "2D tasks name their network: network.name (e.g. resnet for classification, "
+                "resnet_unet for segmentation) and network.options (docs/evaluation.md, '2D tasks')."
+            )
+        return default_spec(cfg.model, n_classes)
+    try:
+        return network_spec(cfg.network.name, cfg.network.options, n_classes)
+    except BackboneError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def make_model(
@@ -236,6 +260,10 @@ def check_input_sizes(cfg: FinetuneConfig, spec: BackboneSpec | None = None) -> 
     """Refuse crop / sliding-window sizes the network cannot take, before any data is read."""
     spec = spec or finetune_spec(cfg, 2)
     try:
+        if is_2d(cfg):  # whole images: their size is known once read (image2d.size when set)
+            if cfg.image2d.size is not None:
+                spec.check_input_size([cfg.image2d.size] * 2, "image2d.size")
+            return
         spec.check_input_size(cfg.train.crop_size, "train.crop_size")
         if cfg.eval.roi_size is not None:
             spec.check_input_size(cfg.eval.roi_size, "eval.roi_size")
@@ -393,16 +421,18 @@ def _run(
 
     if not main:
         barrier(env)  # rank 0 builds the on-disk caches first; the others then reuse them
-    train_index = train_index if train_index is not None else load_index(cfg.data)
+    two_d = is_2d(cfg)
+    task = cfg.task if two_d else None
+    train_index = train_index if train_index is not None else load_index(cfg.data, task=task)
     if val_index is None and cfg.eval.val_split and (tc.val_every or tc.select == "best"):
-        val_index = load_index(cfg.data, cfg.eval.val_split)
+        val_index = load_index(cfg.data, cfg.eval.val_split, task)
     if main:
         barrier(env)
     if tc.select == "best" and val_index is None:
         raise ConfigError("train.select=best needs eval.val_split (a validation section, not the test split)")
     n_classes = n_classes_of(train_index.label_names)
     model, spec = make_model(cfg, n_classes)
-    contract = cfg.data.preprocess.contract()
+    contract = {"image2d": to_dict(cfg.image2d)} if two_d else cfg.data.preprocess.contract()
     report = init_model(model, cfg.init, run_dir=out if main else None, contract=contract, spec=spec)
     check_untrained_frozen(cfg, spec, report)
     net = prepare_model(model, spec, cfg.mode, cfg.probe.freeze_encoders, cfg.probe.stages).to(device)
@@ -410,16 +440,22 @@ def _run(
 
     from asa3d.data.dataset import CachedVolumeDataset, collate_volumes
     from asa3d.data.sampling import SampleSpec
+    from asa3d.eval import tasks2d
 
     positions = _positions(train_index, train_ids)
     case_ids = [list(train_index.cases)[p].id for p in positions]
-    ds = CachedVolumeDataset(
-        train_index,
-        SampleSpec("crop", tuple(tc.crop_size)),
-        seed=tc.seed,
-        with_labels=True,
-        balanced=tc.balanced_crops,
-    )
+    if two_d:
+        ds: Any = tasks2d.Images2D(train_index, cfg.image2d.size)
+        collate: Any = None  # the default collate: images of one size stack
+    else:
+        ds = CachedVolumeDataset(
+            train_index,
+            SampleSpec("crop", tuple(tc.crop_size)),
+            seed=tc.seed,
+            with_labels=True,
+            balanced=tc.balanced_crops,
+        )
+        collate = collate_volumes
     n_train = len(positions)
     batches_per_epoch = math.ceil(n_train / tc.batch_size)
     order_gen = torch.Generator().manual_seed(tc.seed)
@@ -427,10 +463,8 @@ def _run(
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, eps=tc.adam_eps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(tc, total))
-    if tc.loss == "dice":
-        loss_fn: torch.nn.Module = DiceLoss(to_onehot_y=True, softmax=True, include_background=True)
-    else:
-        loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=True)
+    loss_fn = tasks2d.loss_function(cfg)  # Dice (+ CE) on label maps, BCE per finding
+    val_key = "val/auc" if cfg.task == "classification" else "val/dice"
     aug_gen = torch.Generator().manual_seed(tc.seed + 1)
     precision = training_precision(tc.precision, device, tc.cpu_bf16)
     scaler = make_scaler(precision, device)
@@ -554,18 +588,21 @@ def _run(
             loader = torch.utils.data.DataLoader(
                 ds,
                 batch_sampler=mine,
-                collate_fn=collate_volumes,
+                collate_fn=collate,
                 num_workers=cfg.data.num_workers,
                 persistent_workers=False,
                 generator=torch.Generator().manual_seed(tc.seed),  # worker seeds only; keeps the global RNG
             )
             for sl, batch in zip(slots, loader, strict=False):
-                choices = draw_augment(len(sl), tc, aug_gen)[lo:hi]  # drawn for the global batch
+                draw = tasks2d.draw_augment if two_d else draw_augment
+                choices = draw(len(sl), tc, aug_gen)[lo:hi]  # drawn for the global batch
 
-                def prepare(m: int, b: Any, choices: list[AugmentParams] = choices) -> Any:
+                def prepare(m: int, b: Any, choices: list[Any] = choices) -> Any:
                     img = b["image"].to(device)
-                    lbl = b["label"].to(device).long()
-                    return apply_augment(img, lbl, choices)
+                    if not two_d:
+                        return apply_augment(img, b["label"].to(device).long(), choices)
+                    img, lbl = tasks2d.apply_augment(img, b["label"].to(device), choices)
+                    return tasks2d.normalise(img, cfg.image2d), lbl
 
                 def forward(b: Any) -> dict[str, torch.Tensor]:
                     img, lbl = b
@@ -602,10 +639,13 @@ def _run(
                     log.debug("iter %d/%d loss %.4f", pos.it, total, log_rows[-1][1])
                 validate = bool(tc.val_every) and (pos.it % tc.val_every == 0 or pos.it == total)
                 if main and val_index is not None and validate:
-                    rows = score_cases(net, val_index, _dice_only(cfg), n_classes, device)
-                    vd = summarise(rows, ["dice"])["dice"]["mean"]
-                    val_hist.append({"iteration": pos.it, "val_dice": vd})
-                    metrics_log.log(pos.it, {"val/dice": vd})
+                    if two_d:
+                        vd = tasks2d.validation_score(net, val_index, _dice_only(cfg), n_classes, device)
+                    else:
+                        rows = score_cases(net, val_index, _dice_only(cfg), n_classes, device)
+                        vd = summarise(rows, ["dice"])["dice"]["mean"]
+                    val_hist.append({"iteration": pos.it, val_key.replace("/", "_"): vd})
+                    metrics_log.log(pos.it, {val_key: vd})
                     if best is None or (not math.isnan(vd) and vd > best[0]):
                         best = (vd, pos.it, {k: v.detach().clone() for k, v in net.state_dict().items()})
                 periodic = bool(tc.ckpt_every) and pos.it % tc.ckpt_every == 0
@@ -659,6 +699,7 @@ def _run(
         "model_kwargs": to_dict(dict(spec.kwargs)),  # the library's own names: Class(**model_kwargs)
         "backbone": spec.to_dict(),  # what predict rebuilds the network from
         "mode": cfg.mode,
+        "task": cfg.task,
         "probe": to_dict(cfg.probe),
         "n_classes": n_classes,
         "label_names": {str(k): v for k, v in train_index.label_names.items()},
@@ -671,15 +712,23 @@ def _run(
         },
         "weights": "model_best.pt" if selected != "final" else "model_final.pt",
     }
+    if two_d:  # whole images, fed as the pretraining fed them
+        model_info["inference"] = {"image2d": to_dict(cfg.image2d)}
     atomic_write_text(out / "model.json", json.dumps(model_info, indent=1))
 
     if cfg.eval.split is not None:
-        test_index = test_index if test_index is not None else load_index(cfg.data, cfg.eval.split)
-        pred_dir = out / "predictions" if cfg.eval.save_predictions else None
-        rows = score_cases(net, test_index, cfg, n_classes, device, pred_dir)
+        test_index = test_index if test_index is not None else load_index(cfg.data, cfg.eval.split, task)
+        pred_dir = out / "predictions" if cfg.eval.save_predictions and not two_d else None
+        if two_d:
+            rows = tasks2d.score_images(net, test_index, cfg, n_classes, device)
+        else:
+            rows = score_cases(net, test_index, cfg, n_classes, device, pred_dir)
         doc["test_split"] = cfg.eval.split
         doc["per_case"] = rows
-        doc["summary"] = summarise(rows, cfg.eval.metrics, exclude=cfg.eval.merged_classes)
+        if cfg.task == "classification":
+            doc["summary"] = tasks2d.summarise_auc(rows)
+        else:
+            doc["summary"] = summarise(rows, cfg.eval.metrics, exclude=cfg.eval.merged_classes)
         write_per_case_csv(out / "per_case.csv", rows)
     doc["seconds"] = round(time.time() - t0, 2)
     provenance.record(out, device)

@@ -243,3 +243,136 @@ def write_stats_md(stats: Mapping[str, Any], path: Path) -> None:
 def _f(v: Any) -> float | None:
     v = float(v)
     return None if np.isnan(v) else v
+
+
+# --------------------------------------------------------------------------------------------
+# AUC: a property of the whole test set, not of one case
+# --------------------------------------------------------------------------------------------
+AUC_TEST_DESCRIPTION = (
+    "AUC is computed over all test images, so no per-case values exist: paired bootstrap over test "
+    "images (the same resampled images for both inits and every seed); statistic = mean over seeds "
+    "of the mean AUC over findings (a finding without both classes in a resample is left out), "
+    "init - reference; {level:g}% percentile CI; two-sided p from the bootstrap distribution "
+    "shifted to a zero mean difference (Hall & Wilson 1991); seed sd = sd over seeds of the "
+    "per-seed mean AUC difference; p (Holm) = Holm-adjusted over the init x mode x fraction "
+    "comparisons"
+)
+
+
+def _mean_auc(probs: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Mean AUC over findings of (..., N, K) probabilities against (..., N, K) targets -> (...)."""
+    from asa3d.eval.tasks2d import auc_per_class
+
+    auc = auc_per_class(probs, targets)
+    with np.errstate(invalid="ignore"):
+        n = (~np.isnan(auc)).sum(axis=-1)
+        return np.where(n > 0, np.nansum(auc, axis=-1) / np.maximum(n, 1), np.nan)
+
+
+def auc_bootstrap_test(
+    a: np.ndarray,
+    b: np.ndarray,
+    targets: np.ndarray,
+    n_boot: int = 10000,
+    seed: int = 0,
+    level: float = 0.95,
+    max_elements: int = 20_000_000,
+) -> dict[str, Any]:
+    """Compare init ``a`` with reference ``b``: (seeds, images, findings) probabilities of the same
+    test images (same order) against their (images, findings) targets. Returns the fields of
+    ``paired_test`` (``n`` = test images; no Wilcoxon statistic)."""
+    a, b, t = np.asarray(a, float), np.asarray(b, float), np.asarray(targets, float)
+    if a.shape != b.shape or a.shape[1:] != t.shape:
+        raise ValueError(f"paired AUC samples differ in shape: {a.shape}, {b.shape}, targets {t.shape}")
+    n_seeds, n = a.shape[0], a.shape[1]
+    per_seed = _mean_auc(a, t[None]) - _mean_auc(b, t[None])  # (seeds,)
+    ma, mb = _mean_auc(a, t[None]), _mean_auc(b, t[None])
+    obs = float(np.nanmean(per_seed)) if np.any(~np.isnan(per_seed)) else np.nan
+    out: dict[str, Any] = {
+        "n": int(n),
+        "n_seeds": int(n_seeds),
+        "mean_a": _f(np.nanmean(ma)),
+        "mean_b": _f(np.nanmean(mb)),
+        "mean_diff": _f(obs),
+        "per_seed_mean_diff": [_f(v) for v in per_seed],
+        "wilcoxon_stat": None,
+    }
+    valid = per_seed[~np.isnan(per_seed)]
+    out["seed_sd"] = _f(valid.std(ddof=1)) if valid.size > 1 else None
+    if np.isnan(obs) or n < 2:
+        out.update(ci95=[None, None], ci_level=level, p_value=None)
+        return out
+    rng = np.random.default_rng(seed)
+    chunk = max(1, max_elements // max(1, a[0].size * n_seeds))
+    diffs = np.full(n_boot, np.nan)
+    for start in range(0, n_boot, chunk):
+        k = min(chunk, n_boot - start)
+        idx = rng.integers(n, size=(k, n))  # (k, images): the same draw for both inits and all seeds
+        tb = t[idx]  # (k, N, K)
+        da = _mean_auc(a[:, idx], tb[None]) - _mean_auc(b[:, idx], tb[None])  # (seeds, k)
+        with np.errstate(invalid="ignore"):
+            diffs[start : start + k] = np.nanmean(np.where(np.isnan(da), np.nan, da), axis=0)
+    diffs = diffs[~np.isnan(diffs)]
+    alpha = (1 - level) / 2
+    lo, hi = np.quantile(diffs, [alpha, 1 - alpha])
+    out.update(ci95=[_f(lo), _f(hi)], ci_level=level)
+    if obs == 0:
+        out["p_value"] = 1.0
+    else:
+        out["p_value"] = float((1 + np.sum(np.abs(diffs - obs) >= abs(obs))) / (diffs.size + 1))
+    return out
+
+
+def compare_grid_auc(
+    results: Sequence[Mapping[str, Any]],
+    reference: str,
+    inits: Sequence[str],
+    modes: Sequence[str],
+    fractions: Sequence[float],
+    n_boot: int = 10000,
+    level: float = 0.95,
+) -> dict[str, Any]:
+    """``compare_grid`` for classification cells (per-image ``prob`` / ``target`` rows): every init
+    against ``reference`` per mode and fraction by ``auc_bootstrap_test``, Holm over them."""
+    from asa3d.eval.tasks2d import rows_to_arrays
+
+    cells: dict[tuple[str, str, float], dict[int, Sequence[Mapping[str, Any]]]] = {}
+    for r in results:
+        cells.setdefault((r["init"], r["mode"], float(r["fraction"])), {})[int(r["seed"])] = r["per_case"]
+    family: list[dict[str, Any]] = []
+    for name in (i for i in inits if i != reference):
+        for mode in modes:
+            for frac in fractions:
+                ra = cells.get((name, mode, float(frac)), {})
+                rb = cells.get((reference, mode, float(frac)), {})
+                seeds = sorted(set(ra) & set(rb))
+                if not seeds:
+                    continue
+                ids = [row["id"] for row in rb[seeds[0]]]
+                pa, pb, tgt = [], [], None
+                for s in seeds:
+                    by_a = {row["id"]: row for row in ra[s]}
+                    by_b = {row["id"]: row for row in rb[s]}
+                    if set(by_a) != set(ids) or set(by_b) != set(ids):
+                        raise ValueError(
+                            f"{name} vs {reference} ({mode}, {frac}, seed {s}): other test images"
+                        )
+                    _, xa, tgt = rows_to_arrays([by_a[i] for i in ids])
+                    pb.append(rows_to_arrays([by_b[i] for i in ids])[1])
+                    pa.append(xa)
+                res = auc_bootstrap_test(np.stack(pa), np.stack(pb), tgt, n_boot=n_boot, level=level)
+                res.update(
+                    metric="auc", init=name, reference=reference, mode=mode, fraction=frac, seeds=seeds
+                )
+                family.append(res)
+    adjusted = holm([c["p_value"] for c in family])
+    n_tested = sum(c["p_value"] is not None for c in family)
+    for i, res in enumerate(family):
+        res["p_holm"] = adjusted[i]
+        res["holm_family"] = n_tested
+    return {
+        "test": AUC_TEST_DESCRIPTION.format(level=level * 100),
+        "unit": "test image (bootstrap)",
+        "correction": "holm",
+        "comparisons": family,
+    }

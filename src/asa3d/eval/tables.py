@@ -19,7 +19,8 @@ from asa3d.config import to_dict
 from asa3d.eval.config_sections import EvaluateConfig, GridConfig
 from asa3d.eval.metrics import btcv_paper_columns, json_safe, mean_over_classes, nanmean
 from asa3d.eval.results import write_csv
-from asa3d.eval.stats import compare_grid, write_stats_md
+from asa3d.eval.stats import compare_grid, compare_grid_auc, write_stats_md
+from asa3d.eval.tasks2d import summarise_auc
 
 
 def _atomic_json(path: Path, doc: Any) -> None:
@@ -49,7 +50,8 @@ def aggregate(
     """Write per_case.csv/json, table.md, stats.json/md and plots; return the summary document."""
     g = cfg.grid
     metrics = list(cfg.eval.metrics)
-    # per_case.csv: long format
+    # per_case.csv: long format (classification: each image's probability and target per finding)
+    columns = ["prob", "target"] if cfg.task == "classification" else metrics
     write_csv(
         out / "per_case.csv",
         ["init", "mode", "fraction", "seed", "case", "metric", "class", "value"],
@@ -57,7 +59,7 @@ def aggregate(
             [r["init"], r["mode"], r["fraction"], r["seed"], row["id"], metric, cls, "" if v is None else v]
             for r in results
             for row in r["per_case"]
-            for metric in metrics
+            for metric in columns
             for cls, v in row.get(metric, {}).items()
         ),
     )
@@ -81,6 +83,9 @@ def aggregate(
             per_seed_class: list[dict[str, float]] = []
             for r in rs:
                 rows = r["per_case"]
+                if metric == "auc":  # a property of the test set: per seed, over its images
+                    per_seed_class.append(summarise_auc(rows)["auc"]["per_class"])
+                    continue
                 classes = list(rows[0].get(metric, {})) if rows else []
                 per_seed_class.append(
                     {
@@ -106,7 +111,11 @@ def aggregate(
         summary["groups"].append(entry)
     summary["groups"].sort(key=lambda e: (_order(g, e["init"]), e["mode"], e["fraction"]))
     write_tables(summary, out)
-    stats = compare_inits(results, g, metrics, exclude=cfg.eval.merged_classes)
+    if cfg.task == "classification":
+        fr = g.fractions
+        stats = compare_grid_auc(results, g.reference, [i.name for i in g.inits], g.modes, fr, g.n_boot)
+    else:
+        stats = compare_inits(results, g, metrics, exclude=cfg.eval.merged_classes)
     _atomic_json(out / "stats.json", stats)
     write_stats_md(stats, out / "stats.md")
     summary["stats"] = "stats.json"
@@ -135,7 +144,7 @@ def write_tables(summary: Mapping[str, Any], out: Path) -> None:
     """table.md: rows = init x mode x fraction, columns = classes + Avg (Dice in %, like Table 1)."""
     lines = []
     for metric in summary["metrics"]:
-        scale = 100.0 if metric in ("dice", "nsd") else 1.0
+        scale = 100.0 if metric in ("dice", "nsd", "auc") else 1.0
         unit = "%" if scale == 100.0 else "mm"
         groups = summary["groups"]
         if not groups:

@@ -333,13 +333,19 @@ def init_model(
         report = TransferReport(source="scratch", kind="scratch", missing=sorted(model.state_dict()))
     else:
         state, kind, meta = read_source(init.source, init.key_map)
+        expect = init.expect
+        if spec is not None and spec.adopts(meta.get("backbone")):
+            # the source is the family this network embeds as its encoder: its keys moved there,
+            # its head dropped, and only the encoder can (and must) match
+            state = spec.adopt(state, meta.get("backbone"))
+            expect = "encoder" if expect == "auto" else expect
         try:
             report = load_into(
                 model,
                 state,
                 source=str(init.source),
                 kind=kind,
-                expect=init.expect,
+                expect=expect,
                 allow_partial=init.allow_partial,
                 metadata=meta,
                 spec=spec,

@@ -7,6 +7,7 @@ from asa3d.models.backbones.spec import (
     convert_known_layout,
     default_spec,
     kind_of,
+    network_spec,
     register_backbone,
 )
 
@@ -17,5 +18,6 @@ __all__ = [
     "convert_known_layout",
     "default_spec",
     "kind_of",
+    "network_spec",
     "register_backbone",
 ]

@@ -60,6 +60,13 @@ class BackboneKind:
     features: Callable[[Mapping[str, Any]], FeatureTap] | None = None  # for the strict linear probe
     # (source state, model state) -> what the source is, where a load was refused ("feature size 48")
     explain: Callable[[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor]], list[str]] | None = None
+    # a network that embeds another family as its encoder (a U-Net on a ResNet): (that family, the
+    # kwargs of the embedded network as that family names them, its key -> our key or None to drop)
+    embeds: tuple[str, Callable[[Mapping[str, Any]], dict[str, Any]], Callable[[str], str | None]] | None = (
+        None
+    )
+    # (options of the ``network:`` config section, outputs) -> kwargs: how a downstream config names it
+    from_options: Callable[[Mapping[str, Any], int], dict[str, Any]] | None = None
 
 
 KINDS: dict[str, BackboneKind] = {}
@@ -92,6 +99,26 @@ def default_spec(model_cfg: Any, out_channels: int) -> BackboneSpec:
     from asa3d.models.backbones.swinunetr import swinunetr_spec
 
     return swinunetr_spec(model_cfg, out_channels)
+
+
+def network_spec(name: str, options: Mapping[str, Any], out: int) -> BackboneSpec:
+    """The downstream network a config names (``network.name`` + ``network.options``) with ``out``
+    outputs (classes or label channels)."""
+    kind = kind_of(name)
+    if kind.from_options is None:
+        raise BackboneError(
+            f"backbone {name} cannot be built from network.options; known: {downstream_names()}"
+        )
+    try:
+        kwargs = kind.from_options(dict(options), int(out))
+    except (TypeError, ValueError) as exc:
+        raise BackboneError(f"network.name={name}: {exc}") from None
+    return BackboneSpec.create(name, kwargs)
+
+
+def downstream_names() -> list[str]:
+    _load_kinds()
+    return sorted(k.name for k in KINDS.values() if k.from_options is not None)
 
 
 def register_backbone(kind: BackboneKind) -> BackboneKind:
@@ -231,14 +258,40 @@ class BackboneSpec:
     def differences(self, other: BackboneSpec) -> list[str]:
         """How ``other`` (e.g. the spec a pretraining recorded) differs from this one, head size and
         training-only kwargs aside: ``["network ... vs ..."]``, ``["feature_size 48 vs 12"]``, ..."""
-        if other.name != self.name or other.network != self.network:
+        mine, theirs, ignore = self.kwargs, other.kwargs, {self.out_key, *self.kind.training_only}
+        embedded = self.kind.embeds
+        if embedded is not None and other.name == embedded[0]:  # the source is our encoder's family
+            mine, ignore = embedded[1](self.kwargs), {other.out_key, *other.kind.training_only}
+        elif other.name != self.name or other.network != self.network:
             return [f"network {other.name} ({other.network}) vs {self.name} ({self.network})"]
-        keys = sorted((set(self.kwargs) | set(other.kwargs)) - {self.out_key, *self.kind.training_only})
+        keys = sorted((set(mine) | set(theirs)) - ignore)
         return [
-            f"{k} {other.kwargs.get(k, '(unset)')} vs {self.kwargs.get(k, '(unset)')}"
+            f"{k} {theirs.get(k, '(unset)')} vs {mine.get(k, '(unset)')}"
             for k in keys
-            if other.kwargs.get(k) != self.kwargs.get(k)
+            if theirs.get(k) != mine.get(k)
         ]
+
+    def adopts(self, recorded: Mapping[str, Any] | None) -> bool:
+        """Whether a source that recorded ``recorded`` (a spec dict) is this network's encoder family."""
+        embedded = self.kind.embeds
+        return embedded is not None and bool(recorded) and recorded.get("name") == embedded[0]  # type: ignore[union-attr]
+
+    def adopt(
+        self, state: Mapping[str, torch.Tensor], recorded: Mapping[str, Any] | None
+    ) -> dict[str, torch.Tensor]:
+        """``state`` in this network's keys: a state of the family this network embeds as its
+        encoder (the source's ``recorded`` spec says so) is renamed into the encoder (its head
+        dropped); any other state is returned as it is."""
+        if not self.adopts(recorded):
+            return dict(state)
+        embedded = self.kind.embeds
+        assert embedded is not None
+        out = {}
+        for k, v in state.items():
+            nk = embedded[2](k)
+            if nk is not None:
+                out[nk] = v
+        return out
 
     # ---- keys ---------------------------------------------------------------------------
     def is_head_key(self, key: str) -> bool:
