@@ -14,7 +14,7 @@ from sklearn.metrics import roc_auc_score
 from asa3d.eval.config_sections import InitConfig
 from asa3d.models.backbones import BackboneError, network_spec
 
-TINY = {"depth": 10, "widths": [8, 16, 32, 32], "in_channels": 1}
+TINY = {"depth": 10, "widths": [8, 16, 32, 32], "in_channels": 1, "stem_stride": 1}  # as adam2d_tiny
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +58,32 @@ def test_unet_refuses_an_export_of_another_width_and_sizes_it_cannot_take(adam_e
     with pytest.raises(BackboneError, match="multiple of 16"):
         spec.check_input_size([64, 72], "image2d.size")
     assert spec.build()(torch.rand(1, 1, 64, 48)).shape == (1, 3, 64, 48)  # full resolution out
+
+
+def test_strided_stem_unet_reaches_full_resolution_and_a_stem_mismatch_is_named(adam_export, caplog):
+    """The paper's ResNet-50 layout (a stem that halves the input): the U-Net's head up-samples by
+    the stem stride, sides must divide by 32, and an export pretrained with stem stride 1 (the tiny
+    Adam run) loads into a stride-2 network (same shapes) with the difference warned about by name
+    and recorded in transfer.json."""
+    from asa3d.eval.transfer import init_model
+
+    spec = network_spec("resnet_unet", {**TINY, "stem_stride": 2, "decoder_channels": [32, 16, 16, 8]}, 3)
+    net = spec.build()
+    assert net.encoder.conv1.stride == (2, 2)
+    assert net(torch.rand(1, 1, 64, 96)).shape == (1, 3, 64, 96)
+    with pytest.raises(BackboneError, match="multiple of 32"):
+        spec.check_input_size([48, 64], "image2d.size")
+    classifier = network_spec("resnet", {**TINY, "stem_stride": 2}, 3)
+    for target, target_spec in ((net, spec), (classifier.build(), classifier)):
+        with caplog.at_level("WARNING", logger="asa3d.eval.transfer"):
+            caplog.clear()
+            report = init_model(target, InitConfig(source=str(adam_export)), spec=target_spec)
+        assert report.spec_differences == ["conv1_t_stride 1 vs 2"]
+        assert "differs from this one (source vs target): conv1_t_stride 1 vs 2" in caplog.text
+    same = network_spec("resnet", TINY, 3)
+    assert init_model(same.build(), InitConfig(source=str(adam_export)), spec=same).spec_differences == []
+    with pytest.raises(BackboneError, match="network.name=resnet: network.options.stem_stride=3: 1 or 2"):
+        network_spec("resnet", {**TINY, "stem_stride": 3}, 3)
 
 
 def test_linear_probe_gradients_reach_only_the_new_head() -> None:

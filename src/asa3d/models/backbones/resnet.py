@@ -40,7 +40,10 @@ def _adapt(kwargs: dict[str, Any]) -> dict[str, Any]:
         raise TypeError(
             f"ResNet does not accept {unknown}; valid: {sorted(p for p in params if p != 'self')}"
         )
-    return dict(kwargs)
+    out = dict(kwargs)
+    # recorded explicitly (MONAI's default 1): a spec then says whether its stem halves the input
+    out.setdefault("conv1_t_stride", 1)
+    return out
 
 
 def _parts(kwargs: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:
@@ -53,11 +56,14 @@ def _parts(kwargs: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:
     }
 
 
-OPTIONS = ("depth", "widths", "in_channels", "spatial_dims")  # network.options of a downstream config
+# network.options of a downstream config
+OPTIONS = ("depth", "widths", "in_channels", "spatial_dims", "stem_stride")
 
 
 def _encoder_kwargs(options: Mapping[str, Any]) -> dict[str, Any]:
-    """``network.options`` (depth 10/18/34/50, widths, in_channels, spatial_dims) -> ResNet kwargs."""
+    """``network.options`` (depth 10/18/34/50, widths, in_channels, spatial_dims, stem_stride) ->
+    ResNet kwargs. ``stem_stride`` 2 by default: torchvision's ResNet-50, the layout Adam's paper
+    pretrained and fine-tuned; it must equal the pretraining's (a mismatch is refused by name)."""
     unknown = sorted(set(options) - set(OPTIONS) - {"decoder_channels"})
     if unknown:
         raise ValueError(f"unknown network.options {unknown}; valid: {list(OPTIONS)}")
@@ -68,12 +74,16 @@ def _encoder_kwargs(options: Mapping[str, Any]) -> dict[str, Any]:
     widths = [int(w) for w in options.get("widths", (64, 128, 256, 512))]
     if len(widths) != 4:
         raise ValueError(f"network.options.widths={widths}: four widths, one per stage")
+    stride = int(options.get("stem_stride", 2))
+    if stride not in (1, 2):
+        raise ValueError(f"network.options.stem_stride={stride}: 1 or 2")
     return dict(
         block=block,
         layers=list(layers),
         block_inplanes=widths,
         spatial_dims=int(options.get("spatial_dims", 2)),
         n_input_channels=int(options.get("in_channels", 1)),
+        conv1_t_stride=stride,
     )
 
 
@@ -99,16 +109,17 @@ register_backbone(
 
 # ---- the U-Net --------------------------------------------------------------------------------
 UNET_CLASS = "asa3d.models.backbones.resnet.ResNetUNet"
-ENCODER_KWARGS = ("block", "layers", "block_inplanes", "spatial_dims", "n_input_channels")
+ENCODER_KWARGS = ("block", "layers", "block_inplanes", "spatial_dims", "n_input_channels", "conv1_t_stride")
 EXPANSION = {"basic": 1, "bottleneck": 4}  # MONAI's ResNetBlock / ResNetBottleneck
 
 
 class ResNetUNet(nn.Module):
     """U-Net with a MONAI ``ResNet`` encoder and MONAI's ``UNetDecoder`` and ``SegmentationHead``
-    (MONAI ``FlexibleUNet``'s layout). MONAI's 2D ResNet keeps the input resolution in its stem
-    (``conv1_t_stride=1``, as Adam pretrains it) and halves it in the max-pool and layers 2-4, so
-    the four stage outputs are at strides 2, 4, 8, 16: the decoder's four up-sampling blocks take
-    skips from layers 3, 2, 1 and end at the input resolution."""
+    (MONAI ``FlexibleUNet``'s layout). The ResNet halves the input in its max-pool and layers 2-4,
+    and once more in its stem when ``conv1_t_stride=2`` (the paper's ResNet-50; MONAI's default 1
+    keeps it), so the four stage outputs are at strides s*2, s*4, s*8, s*16 for stem stride s: the
+    decoder's four up-sampling blocks take skips from layers 3, 2, 1 and end at stride s, and the
+    segmentation head up-samples by s to the input resolution."""
 
     def __init__(
         self,
@@ -120,6 +131,7 @@ class ResNetUNet(nn.Module):
         out_channels: int = 2,
         decoder_channels: tuple[int, ...] = (256, 128, 64, 32),
         upsample: str = "nontrainable",
+        conv1_t_stride: int = 1,
     ) -> None:
         super().__init__()
         from monai.networks.nets import ResNet
@@ -128,7 +140,13 @@ class ResNetUNet(nn.Module):
         if len(decoder_channels) != 4:
             raise ValueError(f"decoder_channels={list(decoder_channels)}: four, one per up-sampling block")
         self.encoder = ResNet(
-            block, layers, block_inplanes, spatial_dims, n_input_channels, feed_forward=False
+            block,
+            layers,
+            block_inplanes,
+            spatial_dims,
+            n_input_channels,
+            conv1_t_stride=conv1_t_stride,
+            feed_forward=False,
         )
         feats = [w * EXPANSION[block] for w in block_inplanes]
         self.decoder = UNetDecoder(
@@ -145,7 +163,9 @@ class ResNetUNet(nn.Module):
             align_corners=None,
             is_pad=True,
         )
-        self.segmentation_head = SegmentationHead(spatial_dims, decoder_channels[-1], out_channels, 3)
+        self.segmentation_head = SegmentationHead(
+            spatial_dims, decoder_channels[-1], out_channels, 3, scale_factor=float(conv1_t_stride)
+        )
 
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
         e = self.encoder
@@ -163,9 +183,13 @@ class ResNetUNet(nn.Module):
 
 
 def _unet_input(kwargs: Mapping[str, Any], size: Any) -> str | None:
-    # four halvings (max-pool, layers 2-4): MONAI's decoder pads only where sides divide evenly
-    if any(int(s) % 16 for s in size):
-        return "every side must be a multiple of 16 (the encoder halves it four times)"
+    # four halvings (max-pool, layers 2-4), five with a strided stem: MONAI's decoder pads only
+    # where sides divide evenly
+    stride = int(kwargs.get("conv1_t_stride", 1))
+    unit = 16 * stride
+    if any(int(s) % unit for s in size):
+        halvings = "five" if stride == 2 else "four"
+        return f"every side must be a multiple of {unit} (the encoder halves it {halvings} times)"
     return None
 
 
