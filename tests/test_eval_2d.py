@@ -171,7 +171,7 @@ def test_tiny_2d_classification_grid_end_to_end(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_tiny_2d_segmentation_grid_end_to_end(tmp_path: Path) -> None:
+def test_tiny_2d_segmentation_grid_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     summary, stats, table = _grid(tmp_path, "evaluate/adam2d_seg_tiny.yaml")
     for g in summary["groups"]:
         assert set(g["dice"]["per_class"]) == {"lungs", "liver", "spleen", "vertebrae"}
@@ -181,3 +181,13 @@ def test_tiny_2d_segmentation_grid_end_to_end(tmp_path: Path) -> None:
     assert all(c["n"] == 16 and c["p_value"] is not None for c in stats["comparisons"])
     assert all(c["loss_last"] < c["loss_first"] for c in stats["cells"])
     assert summary["transfer"]["adam"]["expected_matched"] == summary["transfer"]["adam"]["expected"] > 0
+    # the 2D run's model is refused by `asa3d predict` (3D label maps only), naming it and the fix
+    from asa3d.cli import main as cli
+
+    run = next((tmp_path / "grid" / "cells").glob("adam__finetune__*")) / "run"
+    assert json.loads((run / "model.json").read_text())["inference"]["image2d"]
+    out = tmp_path / "preds"
+    assert cli(["predict", "--model", str(run), "--input", str(tmp_path), "--out", str(out)]) == 2
+    assert not out.exists()  # refused before anything was written
+    err = capsys.readouterr().err
+    assert f"{run}: a 2D segmentation model" in err and "score 2D models with asa3d finetune" in err

@@ -154,6 +154,14 @@ def check_predict_model(model: str | Path, flag: str = "--model") -> None:
         raise CheckpointError(
             f"{flag} {info_path}: lacks model_kwargs / n_classes; not a model.json written by asa3d finetune."
         )
+    inference = info.get("inference")
+    if isinstance(inference, dict) and "image2d" in inference:
+        task = info.get("task", "segmentation")
+        raise CheckpointError(
+            f"{flag} {p}: a 2D {task} model (model.json records image2d); asa3d predict writes 3D "
+            "label maps in each scan's geometry. Fix: score 2D models with asa3d finetune / asa3d "
+            "evaluate (eval.split), which write per-image results; 2D predict is not built yet."
+        )
     weights = p if p.is_file() else run / str(info.get("weights", "model_final.pt"))
     if not weights.exists():
         raise CheckpointError(
