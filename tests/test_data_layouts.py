@@ -156,6 +156,10 @@ def test_unique_ids_prefix_as_many_folders_as_needed() -> None:
     paths = [Path("A/x/CT.nii.gz"), Path("B/x/CT.nii.gz"), Path("C/y/MR.nii.gz")]
     assert unique_ids(paths) == ["A_x_CT", "B_x_CT", "MR"]
     assert unique_ids([Path("A/CT_image.nii.gz"), Path("B/CT_image.nii.gz")]) == ["A_CT_image", "B_CT_image"]
+    # a scan at the file-system root: its id never takes the root ("/") as a folder name
+    assert unique_ids([Path("/a.nii.gz"), Path("/x/a.nii.gz")]) == ["a", "x_a"]
+    nested = [Path("/x/a.nii.gz"), Path("/y/x/a.nii.gz"), Path("/z/a.nii.gz")]
+    assert unique_ids(nested) == ["x_a", "y_x_a", "z_a"]
 
 
 def test_dicom_series_without_suffix_is_found(shared_data: Path, tmp_path: Path) -> None:

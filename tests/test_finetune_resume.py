@@ -159,20 +159,24 @@ def test_non_finite_steps_follow_pretrainings_policy(
 ) -> None:
     """A NaN loss skips the step (logged, no optimiser step); max_bad_steps in a row stop the run
     with TrainingDiverged naming the last good checkpoint."""
-    import asa3d.eval.finetune as ft
+    import asa3d.eval.tasks2d as tasks2d
     from asa3d.config import load_config
     from asa3d.eval.finetune import FinetuneConfig, TrainingDiverged, run_finetune
 
-    real = ft.DiceLoss
+    real = tasks2d.loss_function  # the loss fine-tuning trains with (2D and 3D)
     calls = {"n": 0}
 
-    class NanOnSome(real):  # type: ignore[misc, valid-type]
+    class NanOnSome(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
         def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             calls["n"] += 1
-            loss = super().forward(x, y)
+            loss = self.inner(x, y)
             return loss * float("nan") if calls["n"] in (2, 4, 5) else loss
 
-    monkeypatch.setattr(ft, "DiceLoss", NanOnSome)
+    monkeypatch.setattr(tasks2d, "loss_function", lambda cfg: NanOnSome(real(cfg)))
     overrides = [
         o for o in tiny_overrides(phantom_dataset, "train.max_bad_steps=2") if "deterministic" not in o
     ]

@@ -57,14 +57,17 @@ def unique_ids(paths: Sequence[str | Path]) -> list[str]:
     """Case ids from file names; where names repeat, as many parent folders as make them unique are
     prefixed (``A/CT_image.nii.gz``, ``B/CT_image.nii.gz`` -> ``A_CT_image``, ``B_CT_image``)."""
     ps = [Path(p) for p in paths]
+    # folder names only: the anchor ("/" or "C:\\") would put a separator into an id, and an id
+    # names an output file (``predict`` writes ``<id>_seg.nii.gz``)
+    folders = [p.parent.parts[len(p.anchor) > 0 :] for p in ps]
     ids = [case_id_from_path(p) for p in ps]
-    for depth in range(1, 1 + max((len(p.parts) for p in ps), default=0)):
+    for depth in range(1, 1 + max((len(f) for f in folders), default=0)):
         repeated = {i for i in ids if ids.count(i) > 1}
         if not repeated:
             break
         ids = [
-            "_".join([*p.parts[-1 - depth : -1], case_id_from_path(p)]) if i in repeated else i
-            for p, i in zip(ps, ids, strict=True)
+            "_".join([*f[-depth:], case_id_from_path(p)]) if i in repeated else i
+            for p, f, i in zip(ps, folders, ids, strict=True)
         ]
     return ids
 
