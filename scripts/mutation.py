@@ -74,7 +74,11 @@ MODULES: dict[str, list[str]] = {
         "tests/test_engine_schedules.py",
         "tests/test_engine_trainer.py",
     ],
-    "eval/transfer.py": ["tests/test_eval_transfer.py", "tests/test_wiring_loaders.py"],
+    "eval/transfer.py": [
+        "tests/test_eval_transfer.py",
+        "tests/test_eval_transfer_report.py",
+        "tests/test_wiring_loaders.py",
+    ],
     "eval/predict.py": ["tests/test_eval_predict.py", "tests/test_wiring_loaders.py"],
     "data/cache.py": [
         "tests/test_data_cache.py",
