@@ -83,6 +83,7 @@ MODULES: dict[str, list[str]] = {
     "data/cache.py": [
         "tests/test_data_cache.py",
         "tests/test_data_cache_faults.py",
+        "tests/test_data_cache_entries.py",
         "tests/test_wiring_data.py",
     ],
 }
