@@ -74,11 +74,20 @@ MODULES: dict[str, list[str]] = {
         "tests/test_engine_schedules.py",
         "tests/test_engine_trainer.py",
     ],
-    "eval/transfer.py": ["tests/test_eval_transfer.py", "tests/test_wiring_loaders.py"],
-    "eval/predict.py": ["tests/test_eval_predict.py", "tests/test_wiring_loaders.py"],
+    "eval/transfer.py": [
+        "tests/test_eval_transfer.py",
+        "tests/test_eval_transfer_report.py",
+        "tests/test_wiring_loaders.py",
+    ],
+    "eval/predict.py": [
+        "tests/test_eval_predict.py",
+        "tests/test_eval_predict_outputs.py",
+        "tests/test_wiring_loaders.py",
+    ],
     "data/cache.py": [
         "tests/test_data_cache.py",
         "tests/test_data_cache_faults.py",
+        "tests/test_data_cache_entries.py",
         "tests/test_wiring_data.py",
     ],
 }

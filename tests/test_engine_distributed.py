@@ -154,3 +154,65 @@ def test_step_seed_depends_on_every_component() -> None:
         )
         == 5
     )
+
+
+def _torchrun_env(monkeypatch: pytest.MonkeyPatch, world: int, rank: int, local_rank: int) -> list[dict]:
+    """torchrun's variables, and a recorder in place of joining a real process group."""
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+    calls: list[dict] = []
+    monkeypatch.setattr(dist, "init_process_group", lambda **kw: calls.append(kw))
+    return calls
+
+
+def test_torchrun_ranks_join_a_gloo_group_on_cpu(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import datetime
+    import logging
+
+    calls = _torchrun_env(monkeypatch, world=2, rank=1, local_rank=1)
+    with caplog.at_level(logging.INFO, logger="asa3d.engine.distributed"):
+        env = init_distributed("cpu", timeout_min=5)
+    assert env == DistEnv(rank=1, world_size=2, local_rank=1, device=torch.device("cpu"))
+    assert calls == [
+        {
+            "backend": "gloo",
+            "init_method": "env://",
+            "rank": 1,
+            "world_size": 2,
+            "timeout": datetime.timedelta(minutes=5),
+        }
+    ]
+    ours = [r.getMessage() for r in caplog.records if r.name == "asa3d.engine.distributed"]
+    assert ours == ["rank 1/2 joined the gloo process group on cpu"]
+    init_distributed("cpu")
+    assert calls[-1]["timeout"] == datetime.timedelta(minutes=30)  # the default: 30 minutes
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)  # a group already joined: not again
+    assert init_distributed("cpu").world_size == 2 and len(calls) == 2
+
+
+def test_cuda_ranks_take_their_local_gpu_and_nccl(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    chosen: list[torch.device] = []
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    assert resolve_device("auto", 3) == torch.device("cuda", 1)
+    assert resolve_device("cuda", 2) == torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert resolve_device("auto", 5) == torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    calls = _torchrun_env(monkeypatch, world=4, rank=2, local_rank=3)
+    env = init_distributed("auto")
+    assert env.device == torch.device("cuda", 3) and chosen == [torch.device("cuda", 3)]
+    assert calls[0]["backend"] == "nccl" and calls[0]["device_id"] == torch.device("cuda", 3)
+    assert (calls[0]["rank"], calls[0]["world_size"]) == (2, 4)
+
+
+def test_cuda_asked_for_where_there_is_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto", 1) == torch.device("cpu")
+    with pytest.raises(RuntimeError) as e:
+        resolve_device("cuda")
+    assert str(e.value) == "train.device='cuda' but CUDA is not available on this machine."

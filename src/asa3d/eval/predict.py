@@ -72,6 +72,12 @@ def resolve_inputs(inputs: Sequence[str | Path], split: str = "all") -> list[dic
                 "dataset.json.",
                 p,
             )
+    # one scan named twice (or a slice and its series) is one case: ids are made unique only
+    # between different scans (otherwise every parent folder, even "/", would join the id)
+    first: dict[Path, Path] = {}
+    for s in singles:
+        first.setdefault(s.resolve(), s)
+    singles = list(first.values())
     items += [{"id": i, "image": str(s)} for s, i in zip(singles, unique_ids(singles), strict=True)]
     seen: dict[str, str] = {}
     for it in items:
