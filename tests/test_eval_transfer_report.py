@@ -373,11 +373,11 @@ def test_export_payloads_in_either_shape() -> None:
 # --------------------------------------------------------------------------------------------
 def test_spec_differences_name_what_differs() -> None:
     target = _spec()
-    other = _spec(conv1_t_stride=1)
+    other = _spec(conv1_t_stride=2)
     assert spec_differences({}, target) == []
     assert spec_differences({"backbone": other.to_dict()}, None) == []
     assert spec_differences({"backbone": _spec(num_classes=7).to_dict()}, target) == []  # head size aside
-    assert spec_differences({"backbone": other.to_dict()}, target) == ["conv1_t_stride 1 vs (unset)"]
+    assert spec_differences({"backbone": other.to_dict()}, target) == ["conv1_t_stride 2 vs 1"]
     assert spec_differences({"backbone": {"class": "foo.Bar"}}, target) == [
         "the source records a backbone this asa3d cannot read "
         "(init source: backbone class 'foo.Bar' is not a known backbone)"
@@ -389,7 +389,7 @@ def test_recorded_network_and_untrained_parts_are_warned_and_recorded(
 ) -> None:
     state = _state()
     meta = {
-        "backbone": _spec(conv1_t_stride=1, act="elu").to_dict(),  # same shapes, another network
+        "backbone": _spec(conv1_t_stride=2, act="elu").to_dict(),  # same shapes, another network
         "transfer_parts": {"stem": True, "layer1": True, "layer2": True, "layer3": False, "layer4": False},
         "preprocessing": {"spacing_mm": [1.5, 1.5, 2.0], "orientation": "RAS"},
     }
@@ -406,28 +406,28 @@ def test_recorded_network_and_untrained_parts_are_warned_and_recorded(
     want = [
         "preprocessing mismatch: checkpoint spacing_mm=[1.5, 1.5, 2.0] but fine-tuning uses [1.5, 1.5, 1.5]",
         f"{src}: its recorded network differs from this one (source vs target): act elu vs (unset); "
-        "conv1_t_stride 1 vs (unset)",
+        "conv1_t_stride 2 vs 1",
         f"{src}: parts ['layer3', 'layer4'] were not trained by its method (random)",
     ]
     assert rep.warnings == want and _ours(caplog) == want
     rec = json.loads((tmp_path / "transfer.json").read_text())
     assert rec["warnings"] == want and rec["kind"] == "asa3d-finetune"
     assert rec["untrained_parts"] == ["layer3", "layer4"]
-    assert rec["spec_differences"] == ["act elu vs (unset)", "conv1_t_stride 1 vs (unset)"]
+    assert rec["spec_differences"] == ["act elu vs (unset)", "conv1_t_stride 2 vs 1"]
     assert rec["preprocessing"] == meta["preprocessing"]
     assert rec["n_matched"] == len(state) and rec["expected_matched"] == rec["expected"] == len(state) - 2
 
 
 def test_a_refusal_names_the_network_the_source_was_pretrained_on(tmp_path: Path) -> None:
     state = {k: v for k, v in _state().items() if not k.startswith(("layer4.", "fc."))}
-    meta = {"backbone": _spec(conv1_t_stride=1, act="elu").to_dict()}
+    meta = {"backbone": _spec(conv1_t_stride=2, act="elu").to_dict()}
     torch.save({"format": "asa3d-finetune-1", "state_dict": state, "metadata": meta}, tmp_path / "f.pt")
     with pytest.raises(TransferError) as err:
         init_model(_net(), InitConfig(source=str(tmp_path / "f.pt")), spec=_spec())
     assert (
         f"{tmp_path / 'f.pt'}: only {len(state)} of 75 expected keys matched ({len(state)} matched in all, "
         "0 unexpected, 0 with another shape). The source was pretrained on another network: "
-        "act elu vs (unset); conv1_t_stride 1 vs (unset). First unmatched: ['layer4.0.conv1.weight', "
+        "act elu vs (unset); conv1_t_stride 2 vs 1. First unmatched: ['layer4.0.conv1.weight', "
     ) in str(err.value)
 
 
