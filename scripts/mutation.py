@@ -63,7 +63,12 @@ MODULES: dict[str, list[str]] = {
         "tests/test_peer_heads.py",
         "tests/test_peer_methods.py",
     ],
-    "export.py": ["tests/test_export.py", "tests/test_wiring_export.py", "tests/test_wiring_loaders.py"],
+    "export.py": [
+        "tests/test_export.py",
+        "tests/test_export_messages.py",
+        "tests/test_wiring_export.py",
+        "tests/test_wiring_loaders.py",
+    ],
     "engine/checkpoint.py": [
         "tests/test_checkpoint.py",
         "tests/test_engine_trainer.py",

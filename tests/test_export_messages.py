@@ -1,0 +1,75 @@
+"""What `asa3d export` tells the user and records: the printed summary, the sidecar's note and
+method config, the refusals of an --out it cannot use, its help, and the downstream view of an
+export whose sidecar is gone (only the untrained out.* left out)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from asa3d.cli import main as cli_main
+from asa3d.engine.checkpoint import load_checkpoint
+from asa3d.export import ExportError, export_checkpoint, read_export
+from test_export import ckpt  # noqa: F401  the module's toy pretraining checkpoint
+
+
+def test_export_prints_what_it_wrote_and_the_sidecar_says_how_to_load(
+    ckpt: Path,  # noqa: F811
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    out = tmp_path / "w.safetensors"
+    assert cli_main(["export", str(ckpt), "--out", str(out)]) == 0
+    side = json.loads(Path(f"{out}.json").read_text())
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [
+        f"matched: {side['keys']['exported']} SwinUNETR backbone keys; output layer "
+        "['out.conv.conv.bias', 'out.conv.conv.weight']: MONAI's initialisation (untrained; loads "
+        "strict=True into SwinUNETR(**sidecar kwargs))",
+        f"wrote {out} and {out}.json",
+    ]
+    assert side["architecture"]["note"] == (
+        "out.* is MONAI's initialisation (not trained): SwinUNETR(**kwargs) loads the export with "
+        "strict=True; for K classes set out_channels=K and load without out.*"
+    )
+    method = load_checkpoint(ckpt)["config"]["method"]
+    assert method and side["method_config"] == method  # the method's own keys, for readers like eve
+
+
+def test_an_out_it_cannot_use_is_refused_with_the_fix(ckpt: Path, tmp_path: Path) -> None:  # noqa: F811
+    with pytest.raises(ExportError) as err:
+        export_checkpoint(ckpt, tmp_path)
+    assert str(err.value) == (
+        f"--out {tmp_path} is a folder; give a file name, e.g. {tmp_path / 'backbone.safetensors'}."
+    )
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(ExportError) as err:
+        export_checkpoint(ckpt, blocker / "w.safetensors")  # its folder cannot be made
+    msg = str(err.value)
+    assert msg.startswith("cannot write the export ") and str(blocker) in msg
+    assert msg.endswith("Fix: choose an --out in a folder you may write to (or fix its permissions).")
+
+
+def test_export_help_names_its_input_and_output(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        cli_main(["export", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "a pretraining checkpoint (e.g. runs/pretrain/x/last.pt)" in text
+    with pytest.raises(SystemExit):
+        cli_main(["--help"])
+    assert "checkpoint -> plain MONAI SwinUNETR weights + JSON sidecar" in " ".join(
+        capsys.readouterr().out.split()
+    )
+
+
+def test_an_export_without_its_sidecar_drops_only_the_output_layer(ckpt: Path, tmp_path: Path) -> None:  # noqa: F811
+    out = tmp_path / "w.safetensors"
+    export_checkpoint(ckpt, out)
+    full, _ = read_export(out, with_output=True)
+    Path(f"{out}.json").unlink()  # an older export, or a sidecar lost on the way
+    state, meta = read_export(out)
+    assert meta == {}
+    assert set(state) == {k for k in full if not k.startswith("out.")} and len(state) == len(full) - 2
