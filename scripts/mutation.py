@@ -125,6 +125,17 @@ class ModuleResult:
         return 100.0 * self.killed / n if n else float("nan")
 
 
+def tests_for(module: str) -> list[str] | None:
+    """The test files guarding a listed module; a single file inside a listed folder (e.g.
+    methods/asa.py) inherits the folder's tests, so a large folder can be measured file by file."""
+    if module in MODULES:
+        return MODULES[module]
+    folder = next((m for m in MODULES if m.endswith("/") and module.startswith(m)), None)
+    if folder and module.endswith(".py") and (REPO / "src" / "asa3d" / module).is_file():
+        return MODULES[folder]
+    return None
+
+
 def slug(module: str) -> str:
     return module.strip("/").replace("/", "_").removesuffix(".py")
 
@@ -263,14 +274,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--min-rate", type=float, default=90.0, help="exit 1 when a module is below")
     args = ap.parse_args(argv)
     modules = args.modules or list(MODULES)
-    unknown = [m for m in modules if m not in MODULES]
+    unknown = [m for m in modules if tests_for(m) is None]
     if unknown:
-        print(f"unknown module(s) {unknown}; known: {', '.join(MODULES)}", file=sys.stderr)
+        print(
+            f"unknown module(s) {unknown}; known: {', '.join(MODULES)} (or one file inside a folder)",
+            file=sys.stderr,
+        )
         return 2
     equivalent = read_equivalent()
     results = []
     for module in modules:
-        work = prepare(module, MODULES[module]) if not args.report else WORK / slug(module)
+        work = prepare(module, tests_for(module)) if not args.report else WORK / slug(module)
         if not args.report:
             log = work / "mutmut-run.log"
             print(
@@ -291,7 +305,12 @@ def main(argv: list[str] | None = None) -> int:
                     t0 = time.monotonic()
                     mutmut(work, "run", "--max-children", str(args.max_children), *names, log=log)
                     print(f"   re-tested {len(names)} survivors: {time.monotonic() - t0:.0f} s", flush=True)
-        results.append(collect(module, work, equivalent))
+        res = collect(module, work, equivalent) if work.is_dir() else ModuleResult(module)
+        if args.report and module.endswith("/"):  # fold in file-by-file runs (they are fresher)
+            for part in sorted(WORK.glob(slug(module) + "_*")):
+                res.status.update(collect(module, part, {}).status)
+            res.equivalent = {k: v for k, v in equivalent.items() if k in res.status}
+        results.append(res)
     print("\n== mutation kill rates")
     for res in results:
         print_module(res)
