@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import json
 import pickle
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -152,6 +153,16 @@ def test_loader_refuses_malicious_pickle_and_payload_never_runs(name: str, tmp_p
 LOAD_CALLS = {("torch", "load"), ("pickle", "load"), ("pickle", "loads")}
 
 
+# mutmut (scripts/mutation.py) renames each function f of a mutated file to x_f__mutmut_orig,
+# x_f__mutmut_1, ... (methods: xǁClassǁf__mutmut_N): a call site is still f's
+_MUTMUT_NAME = re.compile(r"x(?:_|ǁ\w+ǁ)(\w+?)__mutmut_(?:\d+|orig)")
+
+
+def _source_name(name: str) -> str:
+    m = _MUTMUT_NAME.fullmatch(name)
+    return m.group(1) if m else name
+
+
 def _load_calls(path: Path) -> list[str]:
     """Enclosing function of every torch.load(...) / pickle.load(s)(...) call in ``path``."""
     tree = ast.parse(path.read_text())
@@ -162,12 +173,8 @@ def _load_calls(path: Path) -> list[str]:
             name = child.name if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef) else func
             if isinstance(child, ast.Call) and isinstance(child.func, ast.Attribute):
                 owner = child.func.value
-                if isinstance(owner, ast.Name) and (owner.id, child.func.attr) in {
-                    ("torch", "load"),
-                    ("pickle", "load"),
-                    ("pickle", "loads"),
-                }:
-                    found.append(func)
+                if isinstance(owner, ast.Name) and (owner.id, child.func.attr) in LOAD_CALLS:
+                    found.append(_source_name(func))
             visit(child, name)
 
     visit(tree, "<module>")
@@ -189,3 +196,10 @@ def test_the_guard_sees_a_new_call_site(tmp_path: Path) -> None:
     f = tmp_path / "m.py"
     f.write_text("import torch\ndef f(p):\n    return torch.load(p, weights_only=True)\nx = 'torch.load('\n")
     assert _load_calls(f) == ["f"]  # strings and docstrings do not count, calls do
+    # under mutmut the same call site sits in renamed copies of f; an unrelated name stays itself
+    f.write_text(
+        "import torch\ndef x_f__mutmut_orig(p):\n    return torch.load(p)\n"
+        "class C:\n    def xǁCǁg__mutmut_3(self, p):\n        return torch.load(p)\n"
+        "def x_h__mutmut(p):\n    return torch.load(p)\n"
+    )
+    assert _load_calls(f) == ["f", "g", "x_h__mutmut"]
