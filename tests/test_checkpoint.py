@@ -10,8 +10,13 @@ import numpy as np
 import pytest
 import torch
 
+from asa3d.config_sections import ModelConfig
 from asa3d.engine import checkpoint as ck
 from asa3d.engine.checkpoint import CheckpointError, load_checkpoint
+from asa3d.models.backbones import BackboneSpec
+from asa3d.models.backbones.swinunetr import swinunetr_spec
+
+TINY_MODEL = ModelConfig(feature_size=12, depths=(1, 1, 1, 1), num_heads=(3, 3, 3, 3), window_size=4)
 
 
 class _Payload:
@@ -85,3 +90,103 @@ def test_rng_state_round_trips_with_weights_only(tmp_path: Path) -> None:
     ck.atomic_save({"rng": state}, tmp_path / "r.pt")
     ck.set_rng_state(load_checkpoint(tmp_path / "r.pt")["rng"])
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_load_checkpoint_passes_map_location_and_mmap(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    p = tmp_path / "c.pt"
+    torch.save({"w": torch.ones(2)}, p)
+    assert load_checkpoint(p, map_location="meta")["w"].device.type == "meta"
+    seen: list[dict] = []
+    real_load = torch.load
+
+    def spy(*a, **k):  # noqa: ANN002, ANN003, ANN202
+        seen.append(k)
+        return real_load(*a, **k)
+
+    monkeypatch.setattr(torch, "load", spy)
+    assert torch.equal(load_checkpoint(p, mmap=True)["w"], torch.ones(2))
+    assert seen[-1]["mmap"] is True and seen[-1]["weights_only"] is True
+    load_checkpoint(p)
+    assert seen[-1]["mmap"] is False
+
+
+def test_unreadable_file_message_quotes_the_error_and_a_refusal_names_the_fix(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    p = tmp_path / "odd.pt"
+    p.write_bytes(b"x")
+
+    def broken(*a, **k):  # noqa: ANN002, ANN003, ANN202
+        raise RuntimeError("disk   on fire.\nsecond sentence.")
+
+    monkeypatch.setattr(torch, "load", broken)
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(p)
+    assert "odd.pt: not a readable checkpoint (RuntimeError: disk on fire. second sentence.)" in str(
+        err.value
+    )
+    msg = ck.unpickling_message(
+        p, pickle.UnpicklingError("Unsupported global: GLOBAL os.system was not an allowed global")
+    )
+    assert "(os.system)" in msg and msg.startswith(f"{p}: refused to load")
+    assert msg.endswith(
+        "use a checkpoint written by asa3d, a safetensors export, or a plain state dict of tensors."
+    )
+
+
+def test_own_words_keeps_whole_sentences_up_to_the_limit() -> None:
+    words = ck._own_words
+    assert words(RuntimeError("Aaaa. Bbbb. Cccc."), limit=10) == "Aaaa."  # 5 + 1 + 5 = 11 > 10
+    assert words(RuntimeError("Aaaa. Bbb. Cccc."), limit=10) == "Aaaa. Bbb."  # exactly 10 fits
+    # one sentence longer than the limit: cut at the last word boundary, even after a space
+    assert words(RuntimeError("word " * 30), limit=10) == "word word ..."
+    assert words(RuntimeError("use weights_only=False to load"), limit=100) == ""
+
+
+def test_rng_state_keeps_numpy_keys_as_int64() -> None:
+    keys = ck.rng_state()["numpy"]["keys"]
+    assert keys.dtype == torch.int64 and keys.shape == (624,)
+
+
+def test_cuda_rng_state_is_saved_and_restored_when_cuda_is_there(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the CUDA branch cannot run on a CPU machine: stand in for torch.cuda's RNG calls
+    saved = [torch.arange(4, dtype=torch.uint8), torch.arange(4, 8, dtype=torch.uint8)]
+    restored: list[list[torch.Tensor]] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: saved)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.append)
+    state = ck.rng_state()
+    assert state["cuda"] is saved
+    ck.set_rng_state(state)
+    assert len(restored) == 1 and all(torch.equal(a, b) for a, b in zip(restored[0], saved, strict=True))
+    del state["cuda"]  # a CPU checkpoint on a CUDA machine: CUDA's state is left alone
+    ck.set_rng_state(state)
+    assert len(restored) == 1
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CUDA checkpoint on a CPU machine
+    ck.set_rng_state({**state, "cuda": saved})
+    assert len(restored) == 1
+
+
+def test_backbone_spec_refuses_a_checkpoint_without_a_record_naming_it() -> None:
+    with pytest.raises(CheckpointError, match=r"^run/last.pt: no backbone record"):
+        ck.backbone_spec({"backbone": ["not", "a", "mapping"]}, "run/last.pt")
+    with pytest.raises(CheckpointError, match=r"^checkpoint: no backbone record"):
+        ck.backbone_spec({})
+    with pytest.raises(CheckpointError, match=r"^run/last.pt: backbone class 'x.Net' is not a known"):
+        ck.backbone_spec({"backbone": {"class": "x.Net", "kwargs": {}}}, Path("run/last.pt"))
+    spec = swinunetr_spec(TINY_MODEL, 1)
+    assert ck.backbone_spec({"backbone": spec.to_dict()}) == spec
+    assert isinstance(spec, BackboneSpec)
+
+
+def test_check_transfer_names_its_source_by_default() -> None:
+    spec = swinunetr_spec(TINY_MODEL, 1)
+    state = spec.build().state_dict()
+    assert "swinViT.patch_embed.proj.weight" in ck.check_transfer(state, spec)["matched"]
+    with pytest.raises(CheckpointError, match=r"^transfer_state_dict\(\) does not load into a plain"):
+        ck.check_transfer({**state, "bogus.weight": torch.ones(1)}, spec)
+    with pytest.raises(CheckpointError, match=r"^teacher of x.pt does not load"):
+        ck.check_transfer({**state, "bogus.weight": torch.ones(1)}, spec, source="teacher of x.pt")
