@@ -190,3 +190,22 @@ def test_check_transfer_names_its_source_by_default() -> None:
         ck.check_transfer({**state, "bogus.weight": torch.ones(1)}, spec)
     with pytest.raises(CheckpointError, match=r"^teacher of x.pt does not load"):
         ck.check_transfer({**state, "bogus.weight": torch.ones(1)}, spec, source="teacher of x.pt")
+
+
+def test_check_format_names_the_file_and_what_it_found() -> None:
+    ck.check_format({"format": ck.FORMAT})  # the right format passes
+    with pytest.raises(CheckpointError) as err:
+        ck.check_format({"format": "other/2"}, Path("runs/a.pt"))
+    assert str(err.value) == (
+        "runs/a.pt: format 'other/2' is not 'asa3d-checkpoint/1' (not an asa3d pretraining checkpoint)."
+    )
+    with pytest.raises(CheckpointError, match=r"^<checkpoint>: format None is not"):
+        ck.check_format({"state": {}})
+
+
+def test_unpickling_message_without_a_named_global_says_the_file_is_corrupt() -> None:
+    msg = ck.unpickling_message("a/b.pt", pickle.UnpicklingError("invalid load key, 'x'."))
+    assert msg == (
+        "a/b.pt: not a readable checkpoint (not a torch file, or corrupt). Fix: check the path, or "
+        "write the file again."
+    )
