@@ -209,3 +209,113 @@ def test_unpickling_message_without_a_named_global_says_the_file_is_corrupt() ->
         "a/b.pt: not a readable checkpoint (not a torch file, or corrupt). Fix: check the path, or "
         "write the file again."
     )
+
+
+def test_own_words_default_limit_is_200_characters() -> None:
+    first, second = "a" * 99 + ".", "b" * 99 + "."  # 100 + 1 + 100 = 201 characters
+    assert ck._own_words(RuntimeError(f"{first} {second}")) == first
+    assert ck._own_words(RuntimeError(f"{first} {second[1:]}")) == f"{first} {second[1:]}"  # 200 fit
+
+
+def test_load_checkpoint_messages_in_full(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    p = tmp_path / "list.pt"
+    torch.save([1, 2], p)
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(p)
+    assert str(err.value) == f"{p}: expected a dict, found list."
+    marker = tmp_path / "pwned"
+    bad = tmp_path / "evil.pt"
+    torch.save({"state": _Payload(str(marker))}, bad)
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(bad)
+    assert "it contains a Python object (getattr)" in str(err.value)  # the global torch refused is named
+
+    def advice_only(*a, **k):  # noqa: ANN002, ANN003, ANN202
+        raise RuntimeError("Weights only load failed. Re-running with weights_only=False will work.")
+
+    monkeypatch.setattr(torch, "load", advice_only)
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(p)
+    assert str(err.value) == (
+        f"{p}: not a readable checkpoint (RuntimeError). Fix: check the path, or write the file again "
+        "(it may be truncated or of another format)."
+    )
+
+
+def test_link_falls_back_to_a_copy_where_hard_links_fail(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_links(src, dst):  # noqa: ANN001, ANN202 - e.g. a file system without hard links
+        raise OSError("links not supported")
+
+    monkeypatch.setattr(ck.os, "link", no_links)
+    path = ck.save_rotating({"format": ck.FORMAT, "w": torch.arange(3)}, tmp_path, 0, 1, keep_last=2)
+    last = tmp_path / "last.pt"
+    assert last.read_bytes() == path.read_bytes() and last.stat().st_ino != path.stat().st_ino
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, "last.pt"])  # no temp left
+
+
+def test_latest_checkpoint_falls_back_to_last_and_orders_by_iteration_then_round(tmp_path: Path) -> None:
+    assert ck.latest_checkpoint(tmp_path) is None and ck.list_checkpoints(tmp_path / "nope") == []
+    ck.atomic_save({"format": ck.FORMAT}, tmp_path / "last.pt")
+    assert ck.latest_checkpoint(tmp_path) == tmp_path / "last.pt"
+    for name in ["ckpt_r10_i5.pt", "ckpt_r9_i5.pt", "ckpt_r1_i7.pt", "ckpt_r2_i30.pt", "notes_r1_i1.pt"]:
+        (tmp_path / name).write_bytes(b"")  # names unpadded: string order is not numeric order
+    got = [p.name for p in ck.list_checkpoints(tmp_path)]
+    assert got == ["ckpt_r9_i5.pt", "ckpt_r10_i5.pt", "ckpt_r1_i7.pt", "ckpt_r2_i30.pt"]
+
+
+def test_keep_last_zero_keeps_all_one_keeps_the_newest_and_a_failed_delete_is_harmless(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for i in range(1, 4):
+        ck.save_rotating({"format": ck.FORMAT, "i": i}, tmp_path / "all", 0, i, keep_last=0)
+    assert len(ck.list_checkpoints(tmp_path / "all")) == 3
+    (tmp_path / "one").mkdir()
+    for i in range(1, 4):
+        newest = ck.save_rotating({"format": ck.FORMAT, "i": i}, tmp_path / "one", 0, i, keep_last=1)
+    assert ck.list_checkpoints(tmp_path / "one") == [newest]
+
+    real_unlink = Path.unlink
+
+    def locked(self, missing_ok=False):  # noqa: ANN001, ANN202 - e.g. a file held open on Windows/NFS
+        if self.name.startswith("ckpt_"):
+            raise PermissionError(f"{self} is busy")
+        real_unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", locked)
+    newest = ck.save_rotating({"format": ck.FORMAT, "i": 4}, tmp_path / "one", 0, 4, keep_last=1)
+    assert load_checkpoint(newest)["i"] == 4 and len(ck.list_checkpoints(tmp_path / "one")) == 2
+
+
+def test_numpy_gaussian_cache_round_trips() -> None:
+    np.random.seed(5)
+    np.random.standard_normal()  # the legacy generator caches the second value of its pair
+    state = ck.rng_state()
+    assert state["numpy"]["has_gauss"] == 1 and state["numpy"]["cached_gaussian"] != 0.0
+    expected = np.random.standard_normal()
+    np.random.seed(6)
+    ck.set_rng_state(state)
+    assert np.random.standard_normal() == expected
+
+
+def test_cuda_rng_state_is_not_touched_before_cuda_is_used_and_a_device_change_is_survived(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)  # reading it would initialise CUDA
+
+    def never():  # noqa: ANN202
+        raise AssertionError("CUDA RNG read before CUDA was used")
+
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", never)
+    state = ck.rng_state()
+    assert "cuda" not in state
+
+    def fewer_devices(states):  # noqa: ANN001, ANN202
+        raise RuntimeError("invalid device ordinal")
+
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", fewer_devices)
+    torch.manual_seed(0)
+    ck.set_rng_state({**state, "cuda": [torch.zeros(4, dtype=torch.uint8)] * 2})  # saved on 2 GPUs
+    assert torch.equal(torch.get_rng_state(), state["torch"])  # the CPU state is restored anyway
