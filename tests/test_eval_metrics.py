@@ -208,3 +208,30 @@ def test_json_safe_and_nanmean_edges() -> None:
     assert json_safe(np.float64("nan")) is None and json_safe(np.float32(0.5)) == 0.5
     assert nanmean([None, 1.0, float("nan"), 3.0]) == 2.0
     assert math.isnan(nanmean([])) and math.isnan(nanmean([None, float("nan")]))
+
+
+def test_nsd_default_tolerance_is_2_mm() -> None:
+    gt = np.zeros((12, 8, 8), np.uint8)
+    gt[3:7, 2:6, 2:6] = 1
+    shifted = np.roll(gt, 1, axis=0)  # a 2.5 mm shift at 2.5 mm spacing: inside 3 mm, outside 2 mm
+    spacing = (2.5, 1.0, 1.0)
+    default = case_metrics(shifted, gt, 2, spacing=spacing, metrics=["nsd"])["nsd"][0]
+    assert (
+        default
+        == case_metrics(shifted, gt, 2, spacing=spacing, metrics=["nsd"], nsd_tolerance_mm=2.0)["nsd"][0]
+    )
+    assert (
+        default
+        < case_metrics(shifted, gt, 2, spacing=spacing, metrics=["nsd"], nsd_tolerance_mm=3.0)["nsd"][0]
+    )
+
+
+def test_nanmean_accumulates_in_float64_and_warns_about_nothing() -> None:
+    import warnings
+
+    vals = [np.float32(0.1), np.float32(0.2), np.float32(0.7)]
+    assert nanmean(vals) == float(np.mean(np.asarray(vals, dtype=np.float64)))  # not float32's mean
+    assert nanmean(vals) != float(np.mean(np.asarray(vals, dtype=np.float32)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "Mean of empty slice" in a user's log for an absent class
+        assert math.isnan(nanmean([])) and math.isnan(nanmean([float("nan"), None]))
