@@ -1049,3 +1049,25 @@ def test_decomposition_crops_stack_and_record_the_draw() -> None:
         ValueError, match=r"expected \(B, C, H, W\) or \(B, C, X, Y, Z\), got shape \(1, 1, 2, 2, 2, 2\)"
     ):
         decompose((1, 1, 2, 2, 2, 2), 1)
+
+
+def test_views_follow_the_device_of_their_input() -> None:
+    # meta tensors carry shapes and devices but no data: every output must land on the input's
+    # device, whether the draws use a (CPU) generator or the input's own device
+    meta = "meta"
+    x = torch.zeros(2, 1, 8, 8, 8, device=meta)
+    for kw in (dict(generator=_gen()), {}, dict(perm_ratio=0.5, generator=_gen()), dict(perm_ratio=0.1)):
+        sh = shuffle_blocks(x, 4, **kw)  # type: ignore[arg-type]
+        assert {t.device.type for t in (sh.x_perm, sh.perm, sh.target3d, sh.target1d)} == {meta}
+    assert random_cell_mask(2, (2, 2, 2), 0.5, _gen(), meta).device.type == meta
+    assert random_cell_mask(2, (2, 2, 2), 0.5, None, meta).device.type == meta
+    v = simmim_view(torch.zeros(1, 1, 16, 16, 16, device=meta), 8, generator=_gen())
+    assert {t.device.type for t in (v.x_masked, v.cell_mask, v.token_mask, v.voxel_mask)} == {meta}
+    assert random_corners(2, 3, 2, 4, _gen(), meta).device.type == meta
+    assert random_corners(2, 3, 1, 4, _gen(), meta).device.type == meta
+    assert random_corners(2, 3, 2, 4, None, meta).device.type == meta
+    res = cutout(x, generator=_gen())
+    assert res.x.device.type == meta and res.mask.device.type == meta
+    assert intensity_jitter(torch.zeros(2, 1, 4, 4, device=meta), 0.4, 0.4, 0.8).device.type == meta
+    assert random_rotate(torch.zeros(2, 1, 4, 4, device=meta), 30.0).device.type == meta
+    assert decompose((2, 1, 8, 8), 2, generator=_gen()).cell.device.type == "cpu"
