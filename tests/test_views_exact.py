@@ -220,10 +220,13 @@ def test_intensity_jitter_clips_after_brightness_and_after_contrast() -> None:
     y = intensity_jitter(x, 0.0, 0.9, 1.0)
     assert y.min() >= 0.0 and y.max() <= 1.0
     assert (y == 1.0).sum() > 0 and (y == 0.0).sum() > 0
-    # brightness clipping happens before the contrast mean: a sample pushed to all-ones stays 1
-    x = torch.full((32, 1, 2, 2), 0.8)
-    y = intensity_jitter(x, 1.0, 0.5, 1.0, "shift")
-    assert (y.flatten(1).std(1) == 0).all()  # constant samples stay constant under contrast
+    # the brightness result is clipped before the contrast mean: a sample of halves -1 and 2 reads as
+    # halves 0 and 1 (mean 0.5), so any contrast keeps it symmetric about 0.5
+    x = torch.full((16, 1, 2, 2), -1.0)
+    x[:, :, 1] = 2.0
+    y = intensity_jitter(x, 0.0, 0.5, 1.0)
+    assert torch.allclose(y.mean(dim=(1, 2, 3)), torch.full((16,), 0.5), atol=1e-6)
+    assert (y[:, :, 1] > 0.5).all() and (y[:, :, 0] < 0.5).all()
 
 
 def test_intensity_jitter_applies_with_probability_p() -> None:
@@ -359,7 +362,14 @@ def test_anatomy_views_passes_every_setting_on() -> None:
         _, side = _sampled_box(v[i] * 16, 4)
         assert side.tolist() == pytest.approx([16 * math.sqrt(0.125), 16 * math.sqrt(0.5)], abs=1e-3)
     crop = dict(scale=(1.0, 1.0), ratio=(1.0, 1.0))
-    # jitter: a shift with contrast off moves a constant image by one value per sample
+    # jitter: a shift with contrast off moves a constant image by one value per sample (a scale
+    # would leave a black image black)
+    black = [torch.zeros(1, 16, 16)] * 16
+    v = anatomy_views(
+        black, boxes.repeat(4, 1, 1), 16, **crop, brightness=0.3, contrast=0.0, p_jitter=1.0,
+        brightness_mode="shift", p_blur=0.0, rotation_deg=0.0,
+    )  # fmt: skip
+    assert (v.flatten(1).amax(1) > 0).any()
     flat = [torch.full((1, 16, 16), 0.5)] * 4
     v = anatomy_views(
         flat, boxes, 16, **crop, brightness=0.3, contrast=0.0, p_jitter=1.0, brightness_mode="shift",
@@ -1071,3 +1081,23 @@ def test_views_follow_the_device_of_their_input() -> None:
     assert intensity_jitter(torch.zeros(2, 1, 4, 4, device=meta), 0.4, 0.4, 0.8).device.type == meta
     assert random_rotate(torch.zeros(2, 1, 4, 4, device=meta), 30.0).device.type == meta
     assert decompose((2, 1, 8, 8), 2, generator=_gen()).cell.device.type == "cpu"
+
+
+def test_anatomy_views_default_blur_and_rotation() -> None:
+    torch.manual_seed(15)
+    n = 300
+    delta = torch.zeros(1, 9, 9)
+    delta[0, 4, 4] = 1.0
+    boxes = torch.tensor([[[0, 9], [0, 9]]] * n)
+    crop = dict(scale=(1.0, 1.0), ratio=(1.0, 1.0), p_jitter=0.0)
+    v = anatomy_views([delta] * n, boxes, 9, **crop, rotation_deg=0.0)  # default blur: p 0.5
+    blurred = (v[:, 0, 4, 4] < 1.0).float().mean().item()
+    assert 0.4 < blurred < 0.6
+    sig = (-0.5 / torch.log(v[:, 0, 4, 5] / v[:, 0, 4, 4]))[v[:, 0, 4, 4] < 1.0].sqrt()
+    assert sig.min() >= 0.1 - 1e-3 and sig.max() <= 2.0 + 1e-3 and sig.max() > 1.5  # sigma ~ U(0.1, 2)
+    # default rotation: U(-30, 30) degrees, read off a coordinate image in [0, 1]
+    img = _coords(9, 9) / 16 + 0.2
+    v = anatomy_views([img] * n, boxes, 9, **crop, p_blur=0.0)
+    m = torch.stack([(v[:, :, 5, 4] - v[:, :, 3, 4]) * 8, (v[:, :, 4, 5] - v[:, :, 4, 3]) * 8], -1)
+    ang = torch.rad2deg(torch.atan2(m[:, 1, 0], m[:, 0, 0]))
+    assert ang.abs().max() <= 30.0 + 1e-2 and ang.abs().max() > 29.0
