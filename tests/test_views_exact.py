@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -1101,3 +1102,50 @@ def test_anatomy_views_default_blur_and_rotation() -> None:
     m = torch.stack([(v[:, :, 5, 4] - v[:, :, 3, 4]) * 8, (v[:, :, 4, 5] - v[:, :, 4, 3]) * 8], -1)
     ang = torch.rad2deg(torch.atan2(m[:, 1, 0], m[:, 0, 0]))
     assert ang.abs().max() <= 30.0 + 1e-2 and ang.abs().max() > 29.0
+
+
+def _views_on_cpu_inputs() -> dict[str, Callable[[], torch.Tensor]]:
+    x2, x3 = torch.rand(2, 1, 8, 8), torch.rand(2, 1, 8, 8, 8)
+    boxes = torch.tensor([[[0, 8], [1, 7]]] * 2)
+    perm = torch.tensor([[1, 0, 3, 2, 5, 4, 7, 6], [7, 6, 5, 4, 3, 2, 1, 0]])
+    t3 = torch.rand(2, 8, 3) * 6 - 3
+    return {
+        "resized_crops": lambda: resized_crops([x2[0], x2[1]], boxes, 4),
+        "intensity_jitter": lambda: intensity_jitter(x2, 0.4, 0.4, 0.8),
+        "gaussian_blur": lambda: gaussian_blur(x2, (0.1, 2.0), 1.0),
+        "random_rotate": lambda: random_rotate(x2, 30.0),
+        "anatomy_views": lambda: anatomy_views(x2, boxes, 4, p_blur=1.0),
+        "shuffle": lambda: shuffle_blocks(x3, 4, generator=_gen()).target3d,
+        "shuffle_global": lambda: shuffle_blocks(x3, 4).x_perm,
+        "shuffle_partial": lambda: shuffle_blocks(x3, 4, 0.5).perm,
+        "unshuffle": lambda: unshuffle(x3, perm, 4),
+        "perm_from_target3d": lambda: perm_from_target3d(t3, 2),
+        "block_coords": lambda: block_coords(3, "cpu"),
+        "simmim": lambda: simmim_view(x3, 4, 0.5, 2, generator=_gen()).token_mask,
+        "simmim_global": lambda: simmim_view(x3, 4, 0.5, 2, "mean").x_masked,
+        "rotations": lambda: random_rotations(x3, generator=_gen())[1],
+        "rotations_global": lambda: random_rotations(x3)[0],
+        "voco": lambda: voco_views(x3, 2, 2, 4, generator=_gen()).crops,
+        "voco_global": lambda: voco_views(x3, 2, 2, 4).labels,
+        "augment": lambda: augment_crops(x3, 0.5, 0.5, 0.5, generator=_gen()),
+        "augment_global": lambda: augment_crops(x3, 0.5, 0.5, 0.5),
+        "cutout": lambda: cutout(x3, generator=_gen()).x,
+        "cutout_global": lambda: cutout(x3).mask,
+        "related": lambda: related_crops(x3, 4, 2, 1, generator=_gen()).crop2,
+        "related_global": lambda: related_crops(x3, 4, 2, 1).mask1,
+        "decompose": lambda: decompose((2, 1, 8, 8), 2, generator=_gen()).cell,
+        "resize": lambda: resize_volumes([x3[0]], 4, "trilinear"),
+        "resized_crop": lambda: random_resized_crops([x3[0], x3[1]], 4, generator=_gen()),
+    }
+
+
+def test_views_place_what_they_create_on_the_input_device_not_the_default_one() -> None:
+    # a user may set torch's default device (e.g. to CUDA): every tensor a view creates must still
+    # follow its input (here: CPU inputs under a meta default device, where CPU/meta mixing fails)
+    for name, view in _views_on_cpu_inputs().items():
+        torch.manual_seed(0)
+        want = view()
+        torch.manual_seed(0)
+        with torch.device("meta"):
+            got = view()
+        assert got.device.type == "cpu" and torch.equal(got, want), name
