@@ -264,6 +264,12 @@ def test_gaussian_blur_matches_scipy(shape: tuple[int, ...], sigma: float, max_r
             assert np.allclose(y[i, c].numpy(), ref, atol=1e-5)
 
 
+def test_gaussian_blur_default_radius_is_at_most_six() -> None:
+    x = torch.rand(1, 1, 20, 20)
+    y = gaussian_blur(x, (3.0, 3.0), 1.0)  # 3 sigma = 9 > 6
+    assert np.allclose(y[0, 0].numpy(), _blur_reference(x[0, 0].double().numpy(), 3.0, 6), atol=1e-5)
+
+
 def test_gaussian_blur_radius_one_and_too_small_images() -> None:
     x = torch.rand(1, 1, 3, 5)
     y = gaussian_blur(x, (1.0, 1.0), 1.0)  # min side 3 -> radius 1
