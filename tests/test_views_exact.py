@@ -480,6 +480,9 @@ def test_partial_shuffle_moves_exactly_the_chosen_positions() -> None:
     for r in (0.1, 0.15):  # round(0.8) = 1, round(1.2) = 1
         ident = shuffle_blocks(x[:3], 4, perm_ratio=r, generator=_gen()).perm
         assert torch.equal(ident, torch.arange(8).repeat(3, 1))
+    # round(0.25 * 8) = 2 chosen positions: swapped or kept, so 0 or 2 blocks move
+    two = (shuffle_blocks(x[:100], 4, perm_ratio=0.25, generator=_gen(4)).perm != torch.arange(8)).sum(1)
+    assert set(two.tolist()) == {0, 2}
     # round(0.94 * 8) = 8: every block may move
     near = shuffle_blocks(x, 4, perm_ratio=0.94, generator=_gen(3)).perm
     assert (near != torch.arange(8)).sum(1).max().item() > 4
