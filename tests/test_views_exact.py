@@ -1143,6 +1143,9 @@ def _views_on_cpu_inputs() -> dict[str, Callable[[], torch.Tensor]]:
         "related": lambda: related_crops(x3, 4, 2, 1, generator=_gen()).crop2,
         "related_global": lambda: related_crops(x3, 4, 2, 1).mask1,
         "decompose": lambda: decompose((2, 1, 8, 8), 2, generator=_gen()).cell,
+        "decompose_global": lambda: decompose((2, 1, 8, 8), 2).cell,
+        "corners": lambda: random_corners(2, 3, 2, 4),
+        "cell_mask": lambda: random_cell_mask(2, (2, 2, 2), 0.5),
         "resize": lambda: resize_volumes([x3[0]], 4, "trilinear"),
         "resized_crop": lambda: random_resized_crops([x3[0], x3[1]], 4, generator=_gen()),
     }
