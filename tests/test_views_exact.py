@@ -1161,3 +1161,26 @@ def test_views_place_what_they_create_on_the_input_device_not_the_default_one() 
         with torch.device("meta"):
             got = view()
         assert got.device.type == "cpu" and torch.equal(got, want), name
+
+
+def test_a_seeded_generator_alone_fixes_every_view() -> None:
+    # the draws of a view given a generator come from it only, never from torch's global stream
+    x3 = torch.rand(3, 2, 8, 8, 8)
+    views = {
+        "shuffle": lambda: shuffle_blocks(x3, 4, generator=_gen(1)).x_perm,
+        "shuffle_partial": lambda: shuffle_blocks(x3, 2, 0.3, generator=_gen(1)).perm,
+        "simmim": lambda: simmim_view(x3, 4, 0.5, 2, generator=_gen(1)).x_masked,
+        "rotations": lambda: random_rotations(x3, generator=_gen(1))[0],
+        "voco": lambda: voco_views(x3, 2, 3, 4, generator=_gen(1)).crops,
+        "augment": lambda: augment_crops(x3, 0.5, 0.5, 0.5, generator=_gen(1)),
+        "cutout": lambda: cutout(x3, generator=_gen(1)).x,
+        "cutout_in_place": lambda: cutout(x3, partner_source="in_place", generator=_gen(1)).x,
+        "related": lambda: related_crops(x3, 4, 2, 1, generator=_gen(1)).crop2,
+        "decompose": lambda: decompose(x3.shape, 3, generator=_gen(1)).boxes,
+        "resized_crop": lambda: random_resized_crops(list(x3), 4, (0.3, 0.9), generator=_gen(1)),
+    }
+    for name, view in views.items():
+        torch.manual_seed(0)
+        a = view()
+        torch.manual_seed(1)
+        assert torch.equal(view(), a), name
