@@ -1145,6 +1145,7 @@ def _views_on_cpu_inputs() -> dict[str, Callable[[], torch.Tensor]]:
         "decompose": lambda: decompose((2, 1, 8, 8), 2, generator=_gen()).cell,
         "decompose_global": lambda: decompose((2, 1, 8, 8), 2).cell,
         "corners": lambda: random_corners(2, 3, 2, 4),
+        "corners_one_position": lambda: random_corners(2, 3, 2, 1),  # (n-1)*b = 1: only corner 0
         "cell_mask": lambda: random_cell_mask(2, (2, 2, 2), 0.5),
         "resize": lambda: resize_volumes([x3[0]], 4, "trilinear"),
         "resized_crop": lambda: random_resized_crops([x3[0], x3[1]], 4, generator=_gen()),
@@ -1184,3 +1185,16 @@ def test_a_seeded_generator_alone_fixes_every_view() -> None:
         a = view()
         torch.manual_seed(1)
         assert torch.equal(view(), a), name
+
+
+def test_voco_labels_and_augmented_crops_keep_their_dtypes() -> None:
+    # labels are float32 whatever torch's default dtype; augmented crops keep the crops' dtype (AMP)
+    old = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(torch.float64)
+        assert overlap_labels(torch.tensor([[[1, 2]]]), 2, 4).dtype == torch.float32
+    finally:
+        torch.set_default_dtype(old)
+    t = _coords(4, 4, 4)[None].repeat(8, 1, 1, 1, 1).half()
+    out = augment_crops(t, 0.5, 0.5, 1.0, generator=_gen())
+    assert out.dtype == torch.float16
