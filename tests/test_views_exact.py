@@ -1076,7 +1076,13 @@ def test_views_follow_the_device_of_their_input() -> None:
     # device, whether the draws use a (CPU) generator or the input's own device
     meta = "meta"
     x = torch.zeros(2, 1, 8, 8, 8, device=meta)
-    for kw in (dict(generator=_gen()), {}, dict(perm_ratio=0.5, generator=_gen()), dict(perm_ratio=0.1)):
+    for kw in (
+        dict(generator=_gen()),
+        {},
+        dict(perm_ratio=0.5, generator=_gen()),
+        dict(perm_ratio=0.1),
+        dict(perm_ratio=0.1, generator=_gen()),  # fewer than 2 chosen: the identity, moved too
+    ):
         sh = shuffle_blocks(x, 4, **kw)  # type: ignore[arg-type]
         assert {t.device.type for t in (sh.x_perm, sh.perm, sh.target3d, sh.target1d)} == {meta}
     assert random_cell_mask(2, (2, 2, 2), 0.5, _gen(), meta).device.type == meta
