@@ -1204,3 +1204,13 @@ def test_voco_labels_and_augmented_crops_keep_their_dtypes() -> None:
     t = _coords(4, 4, 4)[None].repeat(8, 1, 1, 1, 1).half()
     out = augment_crops(t, 0.5, 0.5, 1.0, generator=_gen())
     assert out.dtype == torch.float16
+
+
+def test_fill_masked_keeps_integer_volumes_and_averages_a_single_visible_voxel() -> None:
+    x = torch.arange(8).view(1, 1, 2, 2, 2)
+    mask = torch.ones(1, 2, 2, 2, dtype=torch.bool)
+    mask[0, 1, 1, 1] = False  # one visible voxel (value 7): the mean over it is 7
+    zero = fill_masked(x, mask, "zero")
+    assert zero.dtype == torch.int64 and zero.flatten().tolist() == [0] * 7 + [7]
+    mean = fill_masked(x.float(), mask, "mean")
+    assert mean.flatten().tolist() == [7.0] * 8
