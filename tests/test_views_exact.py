@@ -1214,3 +1214,44 @@ def test_fill_masked_keeps_integer_volumes_and_averages_a_single_visible_voxel()
     assert zero.dtype == torch.int64 and zero.flatten().tolist() == [0] * 7 + [7]
     mean = fill_masked(x.float(), mask, "mean")
     assert mean.flatten().tolist() == [7.0] * 8
+
+
+def test_cutout_single_voxel_boxes_and_a_one_voxel_target() -> None:
+    # sides in [floor(0.1 * 10), max(1 + 1, floor(0.2 * 10))) = [1, 2): every noise box is one voxel,
+    # its two channel values min-max scaled to exactly 0 and 1
+    x = torch.full((6, 2, 10, 10, 10), 5.0)
+    res = cutout(x, max_fraction=0.02, min_side=0.1, max_side=0.2, partner=False, generator=_gen(6))
+    for i in range(6):
+        vals = res.x[i][:, res.mask[i]]  # (2, voxels)
+        assert vals.shape[1] > 0
+        assert torch.equal(vals.sort(0).values, torch.tensor([[0.0], [1.0]]).expand_as(vals))
+    # a target of one voxel: exactly one box
+    assert len(_boxes((10, 10, 10), 0.001, 0.05, 0.25, _gen())) == 1
+
+
+def test_cutout_clean_partners_paste_the_clean_input() -> None:
+    x = torch.full((2, 1, 16, 16, 16), 5.0)
+    x[1] = 7.0
+    differs = False
+    for seed in range(12):
+        clean = cutout(x, partner_source="clean", generator=_gen(seed)).x
+        inplace = cutout(x, partner_source="in_place", generator=_gen(seed)).x
+        diff = clean != inplace  # where the code's order pastes what a partner already carries
+        assert (clean[diff] >= 5.0).all()  # clean: the partner's input, never noise
+        differs |= bool(diff.any())
+    assert differs
+
+
+def test_cutout_partner_is_drawn_over_the_whole_batch_itself_included() -> None:
+    b = 6
+    x = torch.arange(1.0, b + 1).view(b, 1, 1, 1, 1).expand(b, 1, 12, 12, 12).contiguous()
+    sources, no_paste = set(), 0
+    for seed in range(8):
+        res = cutout(x, noise=False, generator=_gen(seed))
+        for i in range(b):
+            vals = set(res.x[i, 0][res.mask[i]].tolist())
+            assert float(i + 1) not in vals and len(vals) <= 1  # one partner j != i per sample
+            sources |= vals
+            no_paste += not res.mask[i].any()
+    assert sources == {float(v) for v in range(1, b + 1)}  # every sample, the first included
+    assert no_paste > 0  # j == i: nothing pasted
