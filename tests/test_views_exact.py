@@ -1255,3 +1255,19 @@ def test_cutout_partner_is_drawn_over_the_whole_batch_itself_included() -> None:
             no_paste += not res.mask[i].any()
     assert sources == {float(v) for v in range(1, b + 1)}  # every sample, the first included
     assert no_paste > 0  # j == i: nothing pasted
+
+
+def test_resized_crop_pads_by_the_border_and_ignores_the_default_dtype() -> None:
+    # upsampling a part at the image edge reads half a pixel past it: border padding keeps a
+    # constant image constant (zero padding would darken the edges)
+    ones = torch.ones(1, 2, 2)
+    out = resized_crops([ones], torch.tensor([[[0, 2], [0, 2]]]), 4, scale=(1.0, 1.0), ratio=(1.0, 1.0))
+    assert torch.equal(out, torch.ones(1, 1, 4, 4))
+    old = torch.get_default_dtype()
+    try:  # the sampling grid is float32 like the image, whatever torch's default dtype
+        torch.set_default_dtype(torch.float64)
+        img = _coords(6, 6)
+        out = resized_crops([img], torch.tensor([[[0, 6], [0, 6]]]), 6, scale=(1.0, 1.0), ratio=(1.0, 1.0))
+    finally:
+        torch.set_default_dtype(old)
+    assert out.dtype == torch.float32 and torch.allclose(out[0], img.float(), atol=1e-5)
