@@ -541,9 +541,9 @@ def test_rotate90_rejects_bad_input() -> None:
         rotate90(x, torch.tensor([1, 1]), "coronal")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"expected \(B, C, X, Y, Z\)"):
         rotate90(x[0], torch.tensor([1]))
-    with pytest.raises(ValueError, match="one rotation per sample"):
+    with pytest.raises(ValueError, match=r"one rotation per sample: k \(3,\) for batch 2"):
         rotate90(x, torch.tensor([1, 2, 3]))
-    with pytest.raises(ValueError, match="equal sizes"):
+    with pytest.raises(ValueError, match=r"equal sizes on spatial axes \(0, 1\), got \(4, 6, 4\)"):
         rotate90(torch.zeros(1, 1, 4, 6, 4), torch.tensor([1]), "axial")
     rotate90(torch.zeros(1, 1, 6, 4, 4), torch.tensor([1]), "sagittal")  # axis 0 may differ
     rotate90(torch.zeros(1, 1, 4, 4, 6), torch.tensor([1]), "axial")  # axis 2 may differ
