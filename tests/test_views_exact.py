@@ -427,7 +427,9 @@ def test_block_coords_and_blocks_of_a_non_cubic_grid() -> None:
             blocks[1, r], x[1, :, 2 * i0 : 2 * i0 + 2, 2 * i1 : 2 * i1 + 2, 2 * i2 : 2 * i2 + 2]
         )
     assert torch.equal(from_blocks(blocks, (2, 3, 4)), x)
-    with pytest.raises(ValueError, match="not divisible by the sub-volume size 3"):
+    with pytest.raises(
+        ValueError, match=r"spatial shape \(4, 6, 8\) is not divisible by the sub-volume size 3"
+    ):
         to_blocks(x, 3)
     with pytest.raises(ValueError, match=r"expected \(B, C, X, Y, Z\)"):
         to_blocks(x[0], 2)
@@ -532,6 +534,7 @@ def test_rotate90_every_class_by_coordinates() -> None:
     assert torch.equal(y[0], want_axial[0].float()) and torch.equal(y[1], want_axial[1].float())
     assert torch.equal(y[4], want_axial[1].float())
     assert torch.equal(unrotate(y, k, "axial"), x)
+    assert torch.equal(unrotate(rotate90(x, k), k), x)  # default plane: the code's (sagittal)
     assert torch.equal(rotate90(x[:1], torch.tensor([0]), "sagittal"), x[:1])
 
 
