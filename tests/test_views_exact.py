@@ -966,6 +966,8 @@ def test_related_crops_offsets_cover_every_cell_and_masks_match() -> None:
         related_crops(v, 9, 2, 1)
     with pytest.raises(ValueError, match=r"max_offset_cells=-1 must lie in \[0, G-1\] = \[0, 3\]"):
         related_crops(v, 8, 2, -1)
+    with pytest.raises(ValueError, match=r"max_offset_cells=2 must lie in \[0, G-1\] = \[0, 1\]"):
+        related_crops(v, 4, 2, 2)  # M = G: the volume would be large enough, the crops may not overlap
     with pytest.raises(ValueError, match="smaller than size \\+ M\\*p = 14"):
         related_crops(v, 8, 2, 3)
     assert related_crops(v[:1, :, :10], 8, 2, 1, generator=_gen()).crop1.shape == (1, 3, 8, 8, 8)
