@@ -1276,3 +1276,22 @@ def test_resized_crop_pads_by_the_border_and_ignores_the_default_dtype() -> None
     finally:
         torch.set_default_dtype(old)
     assert out.dtype == torch.float32 and torch.allclose(out[0], img.float(), atol=1e-5)
+
+
+@pytest.mark.parametrize(("shape", "s"), [((40, 40), 0.25), ((24, 24, 24), 0.125)])
+def test_resized_crop_aspect_jitter_keeps_the_area_or_volume_fraction(
+    shape: tuple[int, ...], s: float
+) -> None:
+    # a fixed s with a random aspect: the side fractions multiply to s exactly (no side is clipped)
+    torch.manual_seed(16)
+    n, size, d = 24, 4, len(shape)
+    img = _coords(*shape)
+    box = torch.tensor([[0, shape[0]]] * d)
+    out = resized_crops([img] * n, torch.stack([box] * n), size, scale=(s, s), ratio=(3 / 4, 4 / 3))
+    aspects = []
+    for i in range(n):
+        _, side = _sampled_box(out[i], size)
+        f = side / shape[0]
+        assert f.prod().item() == pytest.approx(s, rel=1e-3)
+        aspects.append((f[-1] / f[0]).item())
+    assert min(aspects) < 0.9 and max(aspects) > 1.1
