@@ -31,7 +31,7 @@ from asa3d.views.masking import (
     simmim_view,
     upsample_mask,
 )
-from asa3d.views.related_crops import overlap_masks, related_crops
+from asa3d.views.related_crops import CropPair, overlap_masks, related_crops
 from asa3d.views.resize import resize_volumes
 from asa3d.views.resized_crop import random_resized_crops
 from asa3d.views.rotation import random_rotations, rotate90, unrotate
@@ -1124,6 +1124,10 @@ def test_anatomy_views_default_blur_and_rotation() -> None:
     assert ang.abs().max() <= 30.0 + 1e-2 and ang.abs().max() > 29.0
 
 
+def _pair(p: CropPair) -> tuple[torch.Tensor, torch.Tensor]:
+    return p.crop1, p.crop2
+
+
 def _views_on_cpu_inputs() -> dict[str, Callable[[], torch.Tensor]]:
     x2, x3 = torch.rand(2, 1, 8, 8), torch.rand(2, 1, 8, 8, 8)
     boxes = torch.tensor([[[0, 8], [1, 7]]] * 2)
@@ -1151,7 +1155,7 @@ def _views_on_cpu_inputs() -> dict[str, Callable[[], torch.Tensor]]:
         "augment_global": lambda: augment_crops(x3, 0.5, 0.5, 0.5),
         "cutout": lambda: cutout(x3, generator=_gen()).x,
         "cutout_global": lambda: cutout(x3).mask,
-        "related": lambda: related_crops(x3, 4, 2, 1, generator=_gen()).crop2,
+        "related": lambda: torch.cat(_pair(related_crops(x3, 4, 2, 1, generator=_gen()))),
         "related_global": lambda: related_crops(x3, 4, 2, 1).mask1,
         "decompose": lambda: decompose((2, 1, 8, 8), 2, generator=_gen()).cell,
         "decompose_global": lambda: decompose((2, 1, 8, 8), 2).cell,
@@ -1187,7 +1191,7 @@ def test_a_seeded_generator_alone_fixes_every_view() -> None:
         "augment": lambda: augment_crops(x3, 0.5, 0.5, 0.5, generator=_gen(1)),
         "cutout": lambda: cutout(x3, generator=_gen(1)).x,
         "cutout_in_place": lambda: cutout(x3, partner_source="in_place", generator=_gen(1)).x,
-        "related": lambda: related_crops(x3, 4, 2, 1, generator=_gen(1)).crop2,
+        "related": lambda: torch.cat(_pair(related_crops(x3, 4, 2, 1, generator=_gen(1)))),
         "decompose": lambda: decompose(x3.shape, 3, generator=_gen(1)).boxes,
         "resized_crop": lambda: random_resized_crops(list(x3), 4, (0.3, 0.9), generator=_gen(1)),
     }
