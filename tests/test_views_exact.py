@@ -944,8 +944,9 @@ def test_random_resized_crop_box_size_position_and_flip() -> None:
             random_resized_crops([v], 4, **kw)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"expected a \(C, X, Y, Z\) volume"):
         random_resized_crops([v[0]], 4)
-    tiny = random_resized_crops([torch.ones(1, 1, 2, 2)], 2, scale=(0.01, 0.01), generator=_gen())
-    assert tiny.shape == (1, 1, 2, 2, 2)  # a side of at least one voxel
+    tiny = random_resized_crops([_coords(1, 4, 4)], 2, scale=(0.01, 0.01), generator=_gen())
+    assert tiny.shape == (1, 3, 2, 2, 2)  # 0.22 of 1 or 4 voxels rounds to 0: one voxel per axis
+    assert (tiny.flatten(2).std(2) == 0).all()
 
 
 def test_related_crops_offsets_cover_every_cell_and_masks_match() -> None:
