@@ -46,6 +46,12 @@ from asa3d.views.shuffle import (
 from asa3d.views.voco_crops import augment_crops, base_crops, overlap_labels, random_corners, voco_views
 
 
+# Several tests run views on meta tensors; torch loads its meta kernels on the first meta op (about
+# 3 s). Doing it at import lets mutmut's forked per-mutant runs (forked after test collection)
+# inherit them instead of paying it per mutant.
+torch.nn.functional.affine_grid(torch.zeros(1, 2, 3, device="meta"), [1, 1, 2, 2], align_corners=False)
+
+
 def _coords(*shape: int) -> torch.Tensor:
     """(D, *shape) float: channel a holds each pixel's index along axis a."""
     r = [torch.arange(n, dtype=torch.float32) for n in shape]
