@@ -45,7 +45,6 @@ from asa3d.views.shuffle import (
 )
 from asa3d.views.voco_crops import augment_crops, base_crops, overlap_labels, random_corners, voco_views
 
-
 # Several tests run views on meta tensors; torch loads its meta kernels on the first meta op (about
 # 3 s). Doing it at import lets mutmut's forked per-mutant runs (forked after test collection)
 # inherit them instead of paying it per mutant.
