@@ -904,7 +904,7 @@ def test_resize_rejects_bad_input() -> None:
         resize_volumes([v], (4, 4))
     with pytest.raises(ValueError, match=r"expected \(B, C, X, Y, Z\)"):
         resize_volumes(v, 4)
-    with pytest.raises(ValueError, match="empty batch"):
+    with pytest.raises(ValueError, match="^resize_volumes: empty batch$"):
         resize_volumes([], 4)
     with pytest.raises(ValueError, match=r"expected a \(C, X, Y, Z\) volume"):
         resize_volumes([v[0]], 4)
