@@ -46,6 +46,7 @@ MODULES: dict[str, list[str]] = {
         "tests/test_views.py",
         "tests/test_views_decompose.py",
         "tests/test_views_peers.py",
+        "tests/test_views_exact.py",
         "tests/test_wiring_asa.py",
         "tests/test_asa_method.py",
         "tests/test_backbone.py",
