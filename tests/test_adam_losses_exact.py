@@ -117,3 +117,18 @@ def test_temperature_must_be_positive() -> None:
     with pytest.raises(ValueError, match="temperature tau=-0.1 must be > 0"):
         pruned_infonce(q, q, q, tau=-0.1)
     assert pruned_infonce(q, q, q, tau=1.5, gamma=None).loss.item() == pytest.approx(math.log(2), rel=1e-6)
+
+
+@pytest.mark.parametrize("which", ["q", "k", "queue"])
+def test_computed_in_fp32_whatever_the_input_precision(which: str) -> None:
+    g = torch.Generator().manual_seed(3)
+    t = {
+        "q": torch.randn(2, 4, generator=g),
+        "k": torch.randn(2, 4, generator=g),
+        "queue": torch.randn(5, 4, generator=g),
+    }
+    ref = pruned_infonce(t["q"], t["k"], t["queue"], gamma=0.5)
+    t[which] = t[which].double()
+    got = pruned_infonce(t["q"], t["k"], t["queue"], gamma=0.5)
+    assert got.loss.dtype == torch.float32 and got.loss.item() == pytest.approx(ref.loss.item(), rel=1e-6)
+    assert torch.equal(got.keep, ref.keep)

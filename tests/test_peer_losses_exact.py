@@ -15,10 +15,11 @@ from asa3d.methods.voco_losses import base_regularization_loss, prediction_loss,
 
 
 # ---- Swin UNETR SSL ----------------------------------------------------------------------------
-def test_rotation_loss_is_fp32_cross_entropy_of_long_labels() -> None:
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_rotation_loss_is_fp32_cross_entropy_of_long_labels(dtype: torch.dtype) -> None:
     logits = torch.tensor([[2.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]])
     want = (-math.log(math.e**2 / (math.e**2 + 3)) - math.log(math.e / (math.e + 3))) / 2
-    got = rotation_loss(logits.bfloat16(), torch.tensor([0, 2], dtype=torch.int32))
+    got = rotation_loss(logits.to(dtype), torch.tensor([0, 2], dtype=torch.int32))
     assert got.dtype == torch.float32 and got.item() == pytest.approx(want, rel=1e-6)
 
 
@@ -29,6 +30,8 @@ def test_inpainting_loss_over_every_voxel_or_the_cut_out_ones() -> None:
     assert got.dtype == torch.float32 and got.item() == pytest.approx((1 + 2 + 2 + 0.5) / 4)
     # cut-out: the mask (B, X, Y, Z) covers the first voxel, in both channels
     mask = torch.tensor([True, False]).view(1, 2, 1, 1)
+    for r, t in ((recon.double(), target), (recon, target.double())):  # fp32 whichever is fp64
+        assert inpainting_loss(r, t).dtype == inpainting_loss(r, t, mask, "cutout").dtype == torch.float32
     assert inpainting_loss(recon, target, mask, "cutout").item() == pytest.approx((1 + 2) / 2)
     # nothing cut: 0, and still a (zero) gradient
     r = recon.clone().requires_grad_(True)
@@ -104,6 +107,13 @@ def test_nt_xent_normalises_in_fp32() -> None:
     assert nt_xent(h1, h2).item() == pytest.approx(ref.item(), rel=1e-6)
     ref = _nt_xent_loop(z1, z2, 0.5, ha1.float(), ha2.float(), 1)
     assert nt_xent(z1, z2, 0.5, ha1, ha2, 1).item() == pytest.approx(ref.item(), rel=1e-6)
+    for args in (
+        (z1.double(), z2),
+        (z1, z2.double()),
+        (z1, z2, 0.5, all1.double(), all2, 1),
+        (z1, z2, 0.5, all1, all2.double(), 1),
+    ):
+        assert nt_xent(*args).dtype == torch.float32  # type: ignore[arg-type]
 
 
 def test_nt_xent_refuses_bad_input() -> None:
@@ -140,6 +150,9 @@ def test_voco_logits_per_volume_in_fp32() -> None:
     )  # volume 1's second crop points away from every base: all ReLU'd to 0
     got = voco_logits(crops.bfloat16(), bases.bfloat16())
     assert got.dtype == torch.float32
+    assert (
+        voco_logits(crops.double(), bases).dtype == voco_logits(crops, bases.double()).dtype == torch.float32
+    )
     torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
     sym = symmetric_logits(crops, 2 * crops, bases, bases.flip(1))
     torch.testing.assert_close(sym, 0.5 * (voco_logits(crops, bases.flip(1)) + voco_logits(crops, bases)))
@@ -168,6 +181,7 @@ def test_voco_prediction_loss_means_over_volumes() -> None:
     # no label at all: L_pos 0 (not 0/0), every logit a negative
     pos0, neg0 = prediction_loss(torch.full((1, 1, 2), 0.5), torch.zeros(1, 1, 2))
     assert pos0.item() == 0.0 and neg0.item() == pytest.approx(0.25)
+    assert all(t.dtype == torch.float32 for t in prediction_loss(p.double(), y.float()))
     with pytest.raises(ValueError, match=r"logits \(1, 1, 2\) and labels \(1, 2, 1\) differ"):
         prediction_loss(torch.zeros(1, 1, 2), torch.zeros(1, 2, 1))
 
@@ -182,7 +196,7 @@ def test_voco_regularisation_means_over_volumes_and_pairs() -> None:
         ]
     )
     got = base_regularization_loss(b.bfloat16())
-    assert got.dtype == torch.float32
+    assert got.dtype == torch.float32 and base_regularization_loss(b.double()).dtype == torch.float32
     assert got.item() == pytest.approx(((2 * r * r) / 3 + 1 / 3 + (1 + 2 * r * r) / 3) / 3, rel=1e-6)
     for bad in (torch.ones(2, 4), torch.ones(1, 1, 4)):
         with pytest.raises(ValueError, match=r"need \(B, K >= 2, D\) base embeddings"):
