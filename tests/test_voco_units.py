@@ -322,11 +322,11 @@ def _views() -> VoCoViews:
 
 def test_voco_step_loss_and_terms_without_teacher() -> None:
     m = build_method({**VOCO, "lambda_reg": 0.5}, MODEL)
-    w = torch.tensor([[1.0, 0.5, -1.0], [0.0, 2.0, 1.0]])
+    w = torch.tensor([[1.0, 0.5, -1.0, 0.25], [0.0, 2.0, 1.0, -0.5]])  # 4 features for 3 bases
     m.student = _Linear(w.clone())
     v = _views()
     out = m.voco_step(v)
-    s_bases = v.bases.flatten(2) @ w  # (B, K, 3)
+    s_bases = v.bases.flatten(2) @ w  # (B, K, 4)
     s_crops = v.crops.flatten(2) @ w
     logits = voco_logits(s_crops, s_bases)
     pos, neg = prediction_loss(logits, v.labels)
@@ -347,8 +347,8 @@ def test_voco_step_loss_and_terms_without_teacher() -> None:
 
 def test_voco_step_with_an_ema_teacher_uses_symmetric_logits() -> None:
     m = build_method({**VOCO, "voco_teacher": "ema"}, MODEL)
-    ws = torch.tensor([[1.0, 0.5, -1.0], [0.0, 2.0, 1.0]])
-    wt = torch.tensor([[0.5, 1.0, 1.0], [1.0, -1.0, 0.5]])
+    ws = torch.tensor([[1.0, 0.5, -1.0, 0.25], [0.0, 2.0, 1.0, -0.5]])
+    wt = torch.tensor([[0.5, 1.0, 1.0, -1.0], [1.0, -1.0, 0.5, 0.5]])
     m.student = _Linear(ws.clone())
     m.teacher = _Linear(wt.clone()).requires_grad_(False)
     v = _views()
