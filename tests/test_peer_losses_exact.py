@@ -178,6 +178,10 @@ def test_voco_prediction_loss_means_over_volumes() -> None:
     assert pos.dtype == torch.float32 and neg.dtype == torch.float32
     assert pos.item() == pytest.approx((v0 + v1) / 2, rel=1e-5)
     assert neg.item() == pytest.approx((pb[0, 0, 1].item() ** 2 / 1 + 0.0) / 2, rel=1e-6)
+    # L_neg counts the untouched bases per volume: 2 in volume 0, 1 in volume 1
+    p2 = torch.tensor([[[0.6, 0.5], [0.3, 0.1]], [[0.2, 0.4], [0.7, 0.0]]])
+    y2 = torch.tensor([[[1.0, 0.0], [1.0, 0.0]], [[1.0, 0.0], [0.5, 0.5]]])
+    assert prediction_loss(p2, y2)[1].item() == pytest.approx(((0.25 + 0.01) / 2 + 0.16 / 1) / 2, rel=1e-6)
     # no label at all: L_pos 0 (not 0/0), every logit a negative
     pos0, neg0 = prediction_loss(torch.full((1, 1, 2), 0.5), torch.zeros(1, 1, 2))
     assert pos0.item() == 0.0 and neg0.item() == pytest.approx(0.25)
