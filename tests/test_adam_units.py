@@ -144,7 +144,15 @@ def test_tiny_resnet_query_net_key_copy_and_queue() -> None:
     assert isinstance(enc.fc, nn.Identity) and enc.conv1.in_channels == 2 and enc.conv1.stride == (1, 1)
     assert enc.layer1[0].conv1.out_channels == 4 and enc.layer4[0].conv1.out_channels == 8
     assert m.student.projector[0].in_features == 8 and m.student.projector[2].out_features == 8
-    assert m.spec.kwargs["n_input_channels"] == 2 and m.spec.kwargs["spatial_dims"] == 2
+    assert dict(m.spec.kwargs) == {  # what the downstream rebuilds: a plain MONAI ResNet
+        "block": "basic",
+        "layers": [1, 1, 1, 1],
+        "block_inplanes": [4, 8, 8, 8],
+        "spatial_dims": 2,
+        "n_input_channels": 2,
+        "num_classes": 1,
+        "conv1_t_stride": 1,
+    }
     assert (m.queue.size, m.queue.keys.shape[1]) == (6, 8)
     for (a, p), (b, t) in zip(m.student.named_parameters(), m.teacher.named_parameters(), strict=True):
         assert a == b and torch.equal(p, t)
@@ -490,14 +498,15 @@ def test_monitor_embeddings_run_in_eval_mode_without_touching_rng_or_statistics(
 
 def test_image_summaries_scale_the_first_view_to_unit_range() -> None:
     m = _method()
-    vq = torch.arange(8.0).view(2, 1, 2, 2) * 2.0 - 3.0  # first view: -3, -1, 1, 3
+    vq = torch.arange(8.0).view(2, 1, 2, 2) * 0.1 - 0.3  # first view: -0.3, -0.2, -0.1, 0 (range < 1)
     vk = torch.full((2, 1, 2, 2), 4.0)  # constant: all zeros, not 0/0
     _fixed_views(m, vq, vk)
     pics = m.image_summaries({"image": None}, "adam")
     torch.testing.assert_close(pics["query"], torch.tensor([[0.0, 1 / 3], [2 / 3, 1.0]]))
     assert torch.equal(pics["key"], torch.zeros(2, 2))
     v3 = torch.zeros(1, 1, 2, 2, 3)
-    v3[0, 0, :, :, 1] = torch.tensor([[1.0, 2.0], [3.0, 5.0]])  # the middle z slice
+    v3[0, 0, :, :, 1] = torch.tensor([[0.1, 0.2], [0.3, 0.5]])  # the middle z slice
     _fixed_views(m, v3, v3)
     pics = m.image_summaries({"image": None}, "adam")
     torch.testing.assert_close(pics["query"], torch.tensor([[0.0, 0.25], [0.5, 1.0]]))
+    assert pics["query"].dtype == torch.float32
