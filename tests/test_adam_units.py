@@ -273,6 +273,10 @@ def test_normalisation_imagenet_rgb_grey_and_none() -> None:
     torch.testing.assert_close(grey._normalise(v3), torch.full_like(v3, (0.25 - 0.449) / 0.226))
     none = _method(in_channels=1, normalize="none")
     assert torch.equal(none._normalise(v), v)
+    grey_in = torch.rand(1, 1, 2, 2)  # grey into a 3-channel network: replicated, even unnormalised
+    torch.testing.assert_close(
+        _method(in_channels=3, normalize="none")._normalise(grey_in), grey_in.expand(1, 3, 2, 2)
+    )
     rgb_in = torch.rand(1, 3, 2, 2)
     torch.testing.assert_close(
         _method(in_channels=3, normalize="none")._normalise(rgb_in), rgb_in
