@@ -314,19 +314,21 @@ class _Linear(nn.Module):
 
 def _views() -> VoCoViews:
     g = torch.Generator().manual_seed(0)
-    bases = torch.randn(2, 3, 1, 1, 1, 2, generator=g)  # (B=2, K=3, C, 1, 1, 2): 2 numbers a crop
-    crops = torch.randn(2, 2, 1, 1, 1, 2, generator=g)
-    labels = torch.tensor([[[0.5, 0.5, 0.0], [0.0, 0.25, 0.75]], [[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]])
+    bases = torch.randn(2, 4, 1, 1, 1, 3, generator=g)  # (B=2, K=4, C, 1, 1, 3): 3 numbers a crop
+    crops = torch.randn(2, 2, 1, 1, 1, 3, generator=g)
+    labels = torch.tensor(
+        [[[0.5, 0.5, 0.0, 0.0], [0.0, 0.25, 0.75, 0.0]], [[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.5, 0.5]]]
+    )
     return VoCoViews(bases=bases, crops=crops, labels=labels, corners=torch.zeros(2, 2, 2, dtype=torch.long))
 
 
 def test_voco_step_loss_and_terms_without_teacher() -> None:
     m = build_method({**VOCO, "lambda_reg": 0.5}, MODEL)
-    w = torch.tensor([[1.0, 0.5, -1.0, 0.25], [0.0, 2.0, 1.0, -0.5]])  # 4 features for 3 bases
+    w = torch.tensor([[1.0, 0.5], [0.0, 2.0], [-1.0, 0.5]])  # 2 features for 4 bases: the widths differ
     m.student = _Linear(w.clone())
     v = _views()
     out = m.voco_step(v)
-    s_bases = v.bases.flatten(2) @ w  # (B, K, 4)
+    s_bases = v.bases.flatten(2) @ w  # (B, K, 2)
     s_crops = v.crops.flatten(2) @ w
     logits = voco_logits(s_crops, s_bases)
     pos, neg = prediction_loss(logits, v.labels)
@@ -335,7 +337,7 @@ def test_voco_step_loss_and_terms_without_teacher() -> None:
     for k, want in {"pos": pos, "neg": neg, "reg": reg}.items():
         assert out.terms[k].item() == pytest.approx(want.item(), rel=1e-6), k
     nb = F.normalize(s_bases, dim=-1)
-    cos = [nb[i, a] @ nb[i, c] for i in range(2) for a, c in ((0, 1), (0, 2), (1, 2))]
+    cos = [nb[i, a] @ nb[i, c] for i in range(2) for a in range(4) for c in range(a + 1, 4)]
     assert out.terms["base_cos"].item() == pytest.approx(torch.stack(cos).mean().item(), rel=1e-5)
     assert out.terms["label_error"].item() == pytest.approx((logits - v.labels).abs().mean().item(), rel=1e-6)
     assert m._last_error == pytest.approx(out.terms["label_error"].item())
@@ -347,8 +349,8 @@ def test_voco_step_loss_and_terms_without_teacher() -> None:
 
 def test_voco_step_with_an_ema_teacher_uses_symmetric_logits() -> None:
     m = build_method({**VOCO, "voco_teacher": "ema"}, MODEL)
-    ws = torch.tensor([[1.0, 0.5, -1.0, 0.25], [0.0, 2.0, 1.0, -0.5]])
-    wt = torch.tensor([[0.5, 1.0, 1.0, -1.0], [1.0, -1.0, 0.5, 0.5]])
+    ws = torch.tensor([[1.0, 0.5], [0.0, 2.0], [-1.0, 0.5]])
+    wt = torch.tensor([[0.5, 1.0], [1.0, -1.0], [0.5, 0.5]])
     m.student = _Linear(ws.clone())
     m.teacher = _Linear(wt.clone()).requires_grad_(False)
     v = _views()
