@@ -135,6 +135,8 @@ def test_source_ids_hash_each_id_stably() -> None:
     want = [int.from_bytes(hashlib.blake2b(s.encode(), digest_size=8).digest(), "big") >> 1 for s in "aba7"]
     assert got.dtype == torch.long and got.tolist() == want
     assert got[0] == got[2] != got[1] and (got >= 0).all()
+    meta = torch.device("meta")  # stands in for an accelerator: the ids follow the embeddings
+    assert source_ids(None, 2, meta).device == source_ids(["a", "b"], 2, meta).device == meta
 
 
 # ---- construction ------------------------------------------------------------------------------
@@ -258,6 +260,9 @@ def test_inputs_are_float_on_the_device_and_3d_volumes_resized() -> None:
     vols = m._inputs(torch.ones(2, 1, 6, 5, 7))
     assert vols.shape == (2, 1, 4, 4, 4) and torch.allclose(vols, torch.ones_like(vols))
     assert m._inputs([torch.ones(1, 6, 5, 7), torch.zeros(1, 3, 3, 3)]).shape == (2, 1, 4, 4, 4)
+    m.cfg = AdamConfig(**{k: v for k, v in TINY2D.items() if k != "name"})
+    m.to("meta")  # a network on another device (the meta device stands in for an accelerator)
+    assert m._inputs(x).device.type == "meta" and m._inputs([x[0]])[0].device.type == "meta"
 
 
 def test_normalisation_imagenet_rgb_grey_and_none() -> None:
@@ -502,7 +507,7 @@ def test_monitor_embeddings_run_in_eval_mode_without_touching_rng_or_statistics(
 
 def test_image_summaries_scale_the_first_view_to_unit_range() -> None:
     m = _method()
-    vq = torch.arange(8.0).view(2, 1, 2, 2) * 0.1 - 0.3  # first view: -0.3, -0.2, -0.1, 0 (range < 1)
+    vq = torch.tensor([[-0.3, -0.2, -0.1, 0.0], [0.5, 0.1, 0.4, 0.45]]).view(2, 1, 2, 2)  # range < 1
     vk = torch.full((2, 1, 2, 2), 4.0)  # constant: all zeros, not 0/0
     _fixed_views(m, vq, vk)
     pics = m.image_summaries({"image": None}, "adam")

@@ -373,6 +373,15 @@ def test_training_step_hands_the_views_to_voco_step(monkeypatch: pytest.MonkeyPa
     assert voco.training_step({"image": None}, "voco") == "out" and got == [v]
 
 
+def test_training_step_moves_the_views_to_the_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    m = build_method(VOCO, MODEL).to("meta")  # the meta device stands in for an accelerator
+    monkeypatch.setattr(m, "make_views", lambda images: _views())
+    got: list[VoCoViews] = []
+    monkeypatch.setattr(m, "voco_step", got.append)
+    m.training_step({"image": None}, "voco")
+    assert all(t.device.type == "meta" for t in (got[0].bases, got[0].crops, got[0].labels))
+
+
 def test_label_dump_only_on_its_iterations(voco: Any) -> None:
     voco._label_dump = None
     assert voco.on_step_end("voco", 200, 1000) == {}  # nothing to show yet
