@@ -150,6 +150,7 @@ def test_contract_and_one_channel_only() -> None:
     assert m.phases() == ["ssl"] and m.sample_spec("ssl").mode == "whole"
     assert m.heads.mode == "code" and m.heads.contrastive_head.in_features == 16 * 12
     assert m.heads.contrastive_head.out_features == 16
+    assert m.transfer_state_dict()["out.conv.conv.weight"].shape[0] == 1  # a plain 1-output SwinUNETR
     mlp = build_method({**SWINSSL, "ssl_heads": "pooled_mlp"}, MODEL)
     assert mlp.heads.mode == "pooled_mlp" and mlp.heads.contrastive_head[2].out_features == 16
     with pytest.raises(ConfigError, match="model.in_channels=2: Swin SSL pretrains on 1-channel CT."):

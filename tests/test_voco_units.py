@@ -238,6 +238,7 @@ def test_contract(voco: Any) -> None:
     voco.train(False)
     assert not voco.training and not voco.student.training
     assert voco.transfer_parts() == trained_parts(voco.backbone_spec().parts, 4, encoders=True)
+    assert voco.transfer_state_dict()["out.conv.conv.weight"].shape[0] == 1  # a plain 1-output SwinUNETR
     with pytest.raises(ConfigError, match="model.in_channels=2: VoCo pretrains on 1-channel CT."):
         build_method(VOCO, ModelConfig(**{**MODEL.__dict__, "in_channels": 2}))
 
