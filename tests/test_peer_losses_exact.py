@@ -137,9 +137,9 @@ def test_nt_xent_refuses_bad_input() -> None:
     with pytest.raises(ValueError, match=r"^gathered views \(4, 5\) do not match local \(2, 4\)$"):
         nt_xent(z, z, 0.5, torch.randn(4, 5), torch.randn(4, 5))
     with pytest.raises(ValueError, match="^offset -1 \\+ 2 local rows exceeds the 4 gathered rows$"):
-        nt_xent(z, z, 0.5, torch.randn(4, 4), torch.randn(4, 4), offset=-1)
+        nt_xent(z[:, :3], z[:, :3], 0.5, torch.randn(4, 3), torch.randn(4, 3), offset=-1)
     with pytest.raises(ValueError, match="^offset 3 \\+ 2 local rows exceeds the 4 gathered rows$"):
-        nt_xent(z, z, 0.5, torch.randn(4, 4), torch.randn(4, 4), offset=3)
+        nt_xent(z[:, :3], z[:, :3], 0.5, torch.randn(4, 3), torch.randn(4, 3), offset=3)
 
 
 # ---- VoCo --------------------------------------------------------------------------------------
