@@ -63,6 +63,12 @@ MODULES: dict[str, list[str]] = {
         "tests/test_peer_losses.py",
         "tests/test_peer_heads.py",
         "tests/test_peer_methods.py",
+        "tests/test_adam_method.py",
+        "tests/test_adam_units.py",
+        "tests/test_adam_losses_exact.py",
+        "tests/test_peer_losses_exact.py",
+        "tests/test_swinssl_units.py",
+        "tests/test_voco_units.py",
     ],
     "export.py": [
         "tests/test_export.py",
