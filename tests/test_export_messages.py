@@ -56,13 +56,35 @@ def test_an_out_it_cannot_use_is_refused_with_the_fix(ckpt: Path, tmp_path: Path
 def test_export_help_names_its_input_and_output(capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit):
         cli_main(["export", "--help"])
-    text = " ".join(capsys.readouterr().out.split())
+    raw = capsys.readouterr().out
+    text = " ".join(raw.split())
     assert "a pretraining checkpoint (e.g. runs/pretrain/x/last.pt)" in text
+    assert "--out OUT output file (.safetensors recommended; .pt also works)" in text
+    assert "--overwrite replace an existing --out and its sidecar" in text
+    assert text.count("Write a pretraining checkpoint's transfer backbone (the EMA teacher for ASA)") == 1
+    assert "plain MONAI network its method declares (SwinUNETR, ResNet;" in text
+    assert "preprocessing contract; verified to load with strict=True. See docs/export.md." in text
+    # the examples keep their own lines (a raw description formatter), one command per line
+    assert "examples:\n  asa3d export runs/asa/last.pt --out asa.safetensors\n  asa3d finetune" in raw
     with pytest.raises(SystemExit):
         cli_main(["--help"])
-    assert "checkpoint -> plain MONAI SwinUNETR weights + JSON sidecar" in " ".join(
+    assert "checkpoint -> plain MONAI network weights + JSON sidecar" in " ".join(
         capsys.readouterr().out.split()
     )
+    with pytest.raises(SystemExit):  # --out is required
+        cli_main(["export", "runs/x/last.pt"])
+    assert "the following arguments are required: --out" in capsys.readouterr().err
+
+
+def test_export_re_exports_the_checkpoint_helpers_lazily() -> None:
+    import asa3d.export as export
+    from asa3d.engine import checkpoint
+
+    assert export.CheckpointError is checkpoint.CheckpointError
+    assert export.load_checkpoint is checkpoint.load_checkpoint
+    with pytest.raises(AttributeError) as err:
+        export.no_such_name  # noqa: B018
+    assert err.value.args == ("no_such_name",)
 
 
 def test_an_export_without_its_sidecar_drops_only_the_output_layer(ckpt: Path, tmp_path: Path) -> None:  # noqa: F811

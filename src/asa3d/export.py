@@ -255,11 +255,11 @@ EXPORT_EPILOG = """examples:
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "export",
-        help="checkpoint -> plain MONAI SwinUNETR weights + JSON sidecar",
-        description="Write a pretraining checkpoint's transfer backbone (the EMA teacher for ASA) as a "
-        "complete MONAI SwinUNETR state dict (out.* initialised as MONAI does) plus a JSON sidecar with "
-        "the SwinUNETR kwargs and the preprocessing contract; verified to load with strict=True. "
-        "See docs/export.md.",
+        help="checkpoint -> plain MONAI network weights + JSON sidecar",
+        description="Write a pretraining checkpoint's transfer backbone (the EMA teacher for ASA) as the "
+        "complete state dict of the plain MONAI network its method declares (SwinUNETR, ResNet; the "
+        "output head initialised as MONAI does) plus a JSON sidecar with the network's kwargs and the "
+        "preprocessing contract; verified to load with strict=True. See docs/export.md.",
         epilog=EXPORT_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
