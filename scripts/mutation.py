@@ -168,7 +168,7 @@ def module_pattern(module: str) -> str:
     return f"src/asa3d/{module}*" if module.endswith("/") else f"src/asa3d/{module}"
 
 
-def prepare(module: str, tests: list[str]) -> Path:
+def prepare(module: str, tests: list[str], skip_slow: bool = False) -> Path:
     """Refresh mutants/<module>/ from the working tree (mutmut keeps its results there and only
     re-tests mutants of functions that changed)."""
     work = WORK / slug(module)
@@ -197,6 +197,9 @@ def prepare(module: str, tests: list[str]) -> Path:
     lines = ["[tool.mutmut]", 'source_paths = ["src/"]', f'only_mutate = ["{module_pattern(module)}"]']
     lines.append("pytest_add_cli_args_test_selection = [" + ", ".join(f'"{t}"' for t in tests) + "]")
     lines.append("also_copy = [" + ", ".join(f'"{p}"' for p in ALSO_COPY) + "]")
+    if skip_slow:  # leave out the end-to-end training runs: faster, and the rate a lower bound
+        args = "pytest_add_cli_args "
+        shared = [re.sub(r"\]\s*$", ', "-m", "not slow"]', s) if s.startswith(args) else s for s in shared]
     lines += shared
     (work / "pyproject.toml").write_text(base.rstrip() + "\n\n" + "\n".join(lines) + "\n")
     return work
@@ -278,6 +281,13 @@ def main(argv: list[str] | None = None) -> int:
         "the whole module would take too long; the rest stay 'not checked' and out of the rate)",
     )
     ap.add_argument("--seed", type=int, default=0, help="seed of --sample (default 0)")
+    ap.add_argument(
+        "--skip-slow",
+        action="store_true",
+        help="leave out tests marked slow (tiny end-to-end training runs): much faster for methods/, "
+        "and the rate is a lower bound (a left-out test could only kill more mutants); changing it "
+        "resets the module's results",
+    )
     ap.add_argument("--min-rate", type=float, default=90.0, help="exit 1 when a module is below")
     args = ap.parse_args(argv)
     modules = args.modules or list(MODULES)
@@ -291,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     equivalent = read_equivalent()
     results = []
     for module in modules:
-        work = prepare(module, tests_for(module)) if not args.report else WORK / slug(module)
+        work = prepare(module, tests_for(module), args.skip_slow) if not args.report else WORK / slug(module)
         if not args.report:
             log = work / "mutmut-run.log"
             print(
