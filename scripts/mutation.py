@@ -62,6 +62,9 @@ MODULES: dict[str, list[str]] = {
         "tests/test_peer_losses.py",
         "tests/test_peer_heads.py",
         "tests/test_peer_methods.py",
+        "tests/test_simmim_units.py",
+        "tests/test_asa_units.py",
+        "tests/test_method_contract.py",
     ],
     "export.py": [
         "tests/test_export.py",
