@@ -266,25 +266,24 @@ def test_unknown_phase_is_named() -> None:
 
 
 def test_image_summaries_are_the_middle_slices() -> None:
-    m = _method()
+    m = _method(resize_mode="trilinear", perm_ratio=0.5)
     vols = _vol(2, 40, seed=5)
     torch.manual_seed(7)
     out = m.image_summaries({"image": vols}, "P1")
     torch.manual_seed(7)
-    x = resize_volumes(vols[:1], S)
-    sh = shuffle_blocks(x, P)
+    x = resize_volumes(vols[:1], S, "trilinear")
+    sh = shuffle_blocks(x, P, 0.5)
     assert set(out) == {"input", "permuted"}
     assert torch.equal(out["input"], x[0, 0, :, :, S // 2])
     assert torch.equal(out["permuted"], sh.x_perm[0, 0, :, :, S // 2])
     torch.manual_seed(8)
     out2 = m.image_summaries({"image": vols}, "P2")
     torch.manual_seed(8)
-    pair = related_crops(resize_volumes(vols[:1], S + M * P), S, P, M)
+    pair = related_crops(resize_volumes(vols[:1], S + M * P, "trilinear"), S, P, M)
     assert set(out2) == {"crop1", "crop2"}
     assert torch.equal(out2["crop1"], pair.crop1[0, 0, :, :, S // 2])
     assert torch.equal(out2["crop2"], pair.crop2[0, 0, :, :, S // 2])
     # with appearance recovery, the student's reconstruction of the permuted view
-    m.cfg = copy.deepcopy(m.cfg)
     m._phase["P1"] = PhaseConfig("P1", "shuffle", ["var"])
     torch.manual_seed(7)
     out3 = m.image_summaries({"image": vols}, "P1")

@@ -16,6 +16,7 @@ from torch import nn
 import asa3d.methods as methods_pkg
 from asa3d.config import ConfigError
 from asa3d.config_sections import ModelConfig
+from asa3d.data.sampling import SampleSpec
 from asa3d.methods.base import METHODS, PretrainMethod, StepOutput, build_method, register_method
 from asa3d.methods.dist_context import (
     BUFFER_POLICIES,
@@ -67,8 +68,7 @@ def test_defaults_of_the_contract() -> None:
     assert m.cfg.width == 3 and m.model_cfg is MODEL
     assert isinstance(m.dist, DistContext) and (m.dist.rank, m.dist.world_size) == (0, 1)
     assert not m.dist.distributed
-    spec = m.sample_spec("only")
-    assert spec == type(spec)()
+    assert m.sample_spec("only") == SampleSpec() and isinstance(m.sample_spec("only"), SampleSpec)
     assert m.stage_starts(10) == (0,)
     assert m.on_step_end("only", 3, 10) == {}
     assert m.buffer_policy() == {} and m.monitor_embeddings({}) == {} and m.image_summaries({}, "only") == {}
@@ -104,7 +104,7 @@ def test_backbone_spec_parts_and_kwargs() -> None:
     }
 
 
-def test_register_and_build() -> None:
+def test_register_and_build(monkeypatch) -> None:  # noqa: ANN001
     class Nameless(Toy):
         name = ""
 
@@ -126,11 +126,14 @@ def test_register_and_build() -> None:
     finally:
         METHODS.pop("contract_toy", None)
     known = sorted(METHODS)
+    loaded = []
+    monkeypatch.setattr(methods_pkg, "load_builtin_methods", lambda: loaded.append(True))
     with pytest.raises(ConfigError) as err:
         build_method({"name": "nope"}, MODEL)
     assert str(err.value) == f"method.name='nope' is not a known method. Known: {known}."
     with pytest.raises(ConfigError, match=re.escape("method.name=None is not a known method.")):
         build_method({}, MODEL)
+    assert loaded == [True, True]  # the built-in methods are registered before the lookup
 
 
 # ---- the registry loader -------------------------------------------------------------------------

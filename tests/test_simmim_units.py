@@ -16,6 +16,7 @@ from asa3d.methods.simmim import SimMIM, SimMIMConfig
 from asa3d.methods.simmim_losses import EPS, masked_l1, visible_l1
 from asa3d.views.masking import MaskedView
 from asa3d.views.resize import resize_volumes
+from asa3d.views.resized_crop import random_resized_crops
 
 MODEL = ModelConfig(feature_size=12, window_size=4, depths=(1, 1, 1, 1), drop_path_rate=0.0)
 
@@ -175,8 +176,18 @@ def test_views_resize_or_crop_and_mask(light: SimMIM) -> None:
     x2, _ = light.make_views(torch.stack([resize_volumes(vols[:1], 64)[0]] * 2))
     assert x2.shape == (2, 1, 64, 64, 64)
     assert not torch.equal(x2[0], x2[1])
-    cfg = light.cfg
+    cfg, model_cfg = light.cfg, light.model_cfg
     try:
+        # the configured crop scale and resize mode, on a list of volumes of different shapes
+        light.cfg = SimMIMConfig(input_size=64, resize_mode="trilinear", crop_scale=(0.3, 0.4), head="light")
+        light.model_cfg = ModelConfig(feature_size=12, patch_size=4)  # the token mask follows the patch
+        torch.manual_seed(3)
+        x4, v4 = light.make_views(vols)
+        torch.manual_seed(3)
+        want = random_resized_crops(vols, 64, (0.3, 0.4), mode="trilinear")
+        torch.testing.assert_close(x4, want, rtol=0, atol=0)
+        assert v4.token_mask.shape == (2, 16, 16, 16) and v4.cell_mask.shape == (2, 4, 4, 4)
+        light.model_cfg = model_cfg
         light.cfg = SimMIMConfig(
             input_size=64,
             resize_mode="trilinear",
@@ -195,7 +206,7 @@ def test_views_resize_or_crop_and_mask(light: SimMIM) -> None:
         filled = v3.x_masked[0, 0][m]  # mean fill: one value near the volume's mean, not zero
         assert torch.all(filled == filled[0]) and abs(filled[0].item() - x3[0, 0].mean().item()) < 0.01
     finally:
-        light.cfg = cfg
+        light.cfg, light.model_cfg = cfg, model_cfg
 
 
 def test_reconstruct_routes_through_the_configured_head(light: SimMIM, monkeypatch) -> None:  # noqa: ANN001
