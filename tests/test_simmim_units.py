@@ -57,6 +57,14 @@ def test_masked_l1_of_an_empty_mask_is_zero_and_fp32() -> None:
     assert exact.dtype == torch.float32 and exact.item() == pytest.approx(2049.0 / (1 + EPS))
 
 
+def test_masked_l1_counts_a_half_precision_mask_in_fp32() -> None:
+    # 4097 masked voxels: fp16 cannot hold the count (it rounds to 4096); the loss counts in fp32
+    n = 4097
+    pred = torch.full((1, 1, n, 1, 1), 3.0)
+    mask = torch.ones(1, n, 1, 1, dtype=torch.float16)
+    assert masked_l1(pred, torch.zeros_like(pred), mask).item() == pytest.approx(3.0 * n / (n + EPS), rel=1e-7)
+
+
 def test_masked_l1_gradient_only_on_masked_voxels() -> None:
     pred, target, mask = _pair()
     pred.requires_grad_(True)
