@@ -91,6 +91,18 @@ def test_param_groups_one_group_or_the_decay_split() -> None:
     assert groups["decay"].weight_decay == 0.05 and groups["no_decay"].weight_decay == 0.0
 
 
+def test_param_groups_cover_only_what_trainable_parameters_yields() -> None:
+    class HeadOnly(Toy):  # a method that trains only part of its trainable-looking weights
+        no_decay_on_norm_and_bias = True
+
+        def trainable_parameters(self):  # noqa: ANN202
+            return iter([self.lin.weight, self.lin.bias])
+
+    m = HeadOnly(ToyConfig(), MODEL)
+    groups = {g.name: [id(p) for p in g.params] for g in m.param_groups(0.1)}
+    assert groups == {"decay": [id(m.lin.weight)], "no_decay": [id(m.lin.bias)]}  # no norm weights
+
+
 def test_backbone_spec_parts_and_kwargs() -> None:
     m = Toy(ToyConfig(), MODEL)
     spec = m.backbone_spec()

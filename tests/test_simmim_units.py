@@ -62,7 +62,9 @@ def test_masked_l1_counts_a_half_precision_mask_in_fp32() -> None:
     n = 4097
     pred = torch.full((1, 1, n, 1, 1), 3.0)
     mask = torch.ones(1, n, 1, 1, dtype=torch.float16)
-    assert masked_l1(pred, torch.zeros_like(pred), mask).item() == pytest.approx(3.0 * n / (n + EPS), rel=1e-7)
+    assert masked_l1(pred, torch.zeros_like(pred), mask).item() == pytest.approx(
+        3.0 * n / (n + EPS), rel=1e-7
+    )
 
 
 def test_masked_l1_gradient_only_on_masked_voxels() -> None:
