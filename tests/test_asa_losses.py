@@ -111,6 +111,11 @@ def test_consistency_by_hand_normalised_and_raw() -> None:
     # batched (..., D) with a leading axis: rows pair up element by element
     s3, t3 = s[None].repeat(2, 1, 1), t[None].repeat(2, 1, 1)
     assert consistency_loss(s3, t3).item() == pytest.approx(2.2, rel=1e-6)
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2, 3, 4, generator=g), torch.randn(2, 3, 4, generator=g)
+    for red in ("sum", "mean"):  # each of student and teacher normalised per row, never across rows
+        flat = consistency_loss(a.reshape(6, 4), b.reshape(6, 4), True, red)
+        assert consistency_loss(a, b, True, red).item() == pytest.approx(flat.item(), rel=1e-6)
     half = consistency_loss(s.half(), t.half(), False, "sum")
     assert half.dtype == torch.float32 and half.item() == pytest.approx(9.5)
 
