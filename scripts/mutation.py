@@ -69,6 +69,9 @@ MODULES: dict[str, list[str]] = {
         "tests/test_peer_losses_exact.py",
         "tests/test_swinssl_units.py",
         "tests/test_voco_units.py",
+        "tests/test_simmim_units.py",
+        "tests/test_asa_units.py",
+        "tests/test_method_contract.py",
     ],
     "export.py": [
         "tests/test_export.py",
