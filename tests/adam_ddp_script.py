@@ -15,22 +15,11 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from adam_tiny import ADAM_TINY_2D
 from asa3d.config import apply_overrides, from_dict
 from asa3d.config_sections import PretrainConfig
 
-METHOD = {
-    "name": "adam",
-    "resnet_depth": 10,
-    "resnet_widths": [4, 8, 8, 8],
-    "in_channels": 1,
-    "proj_hidden_dim": 16,
-    "proj_dim": 8,
-    "queue_size": 24,
-    "view_size": 32,
-    "blur_sigma": [0.1, 1.0],
-    "levels": [0, 2],
-    "key_bn": "shuffle",
-}
+METHOD = {**ADAM_TINY_2D, "queue_size": 24, "levels": [0, 2], "key_bn": "shuffle"}
 
 
 class Images(Dataset):

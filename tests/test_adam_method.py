@@ -7,23 +7,14 @@ from __future__ import annotations
 import pytest
 import torch
 
+from adam_tiny import ADAM_TINY_2D
 from asa3d.config import ConfigError
 from asa3d.config_sections import ModelConfig
 from asa3d.engine.schedules import LRSchedule
 from asa3d.methods.base import build_method
 from asa3d.views.anatomy_views import anatomy_views, resized_crops
 
-TINY2D = {
-    "name": "adam",
-    "resnet_depth": 10,
-    "resnet_widths": [4, 8, 8, 8],
-    "in_channels": 1,
-    "proj_hidden_dim": 16,
-    "proj_dim": 8,
-    "queue_size": 12,
-    "view_size": 32,
-    "blur_sigma": [0.1, 1.0],
-}
+TINY2D = dict(ADAM_TINY_2D)
 
 
 def _method(**kw):

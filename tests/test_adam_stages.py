@@ -13,24 +13,14 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
+from adam_tiny import ADAM_TINY_2D
 from asa3d.config import from_dict
 from asa3d.config_sections import PretrainConfig
 from asa3d.engine.checkpoint import load_checkpoint
 from asa3d.engine.distributed import init_distributed
 from asa3d.engine.trainer import Trainer
 
-METHOD = {
-    "name": "adam",
-    "resnet_depth": 10,
-    "resnet_widths": [4, 8, 8, 8],
-    "in_channels": 1,
-    "proj_hidden_dim": 16,
-    "proj_dim": 8,
-    "queue_size": 12,
-    "view_size": 32,
-    "blur_sigma": [0.1, 1.0],
-    "levels": [0, 2],
-}
+METHOD = {**ADAM_TINY_2D, "levels": [0, 2]}
 
 
 class Images(Dataset):

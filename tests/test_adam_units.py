@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import asa3d.methods.adam as adam_mod
+from adam_tiny import ADAM_TINY_2D
 from asa3d.config import ConfigError
 from asa3d.config_sections import ModelConfig
 from asa3d.methods.adam import AdamConfig, source_ids
@@ -22,17 +23,7 @@ from asa3d.methods.base import build_method
 from asa3d.methods.dist_context import DistContext
 from asa3d.models.ema import cosine_momentum
 
-TINY2D = {
-    "name": "adam",
-    "resnet_depth": 10,
-    "resnet_widths": [4, 8, 8, 8],
-    "in_channels": 1,
-    "proj_hidden_dim": 16,
-    "proj_dim": 8,
-    "queue_size": 6,
-    "view_size": 16,
-    "blur_sigma": [0.1, 1.0],
-}
+TINY2D = {**ADAM_TINY_2D, "queue_size": 6, "view_size": 16}
 
 
 def _method(**kw: Any) -> Any:
