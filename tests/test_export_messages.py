@@ -49,7 +49,7 @@ def test_an_out_it_cannot_use_is_refused_with_the_fix(ckpt: Path, tmp_path: Path
     with pytest.raises(ExportError) as err:
         export_checkpoint(ckpt, blocker / "w.safetensors")  # its folder cannot be made
     msg = str(err.value)
-    assert msg.startswith("cannot write the export ") and str(blocker) in msg
+    assert msg.startswith(f"cannot write the export {blocker}: ")  # the path the system refused
     assert msg.endswith("Fix: choose an --out in a folder you may write to (or fix its permissions).")
 
 
@@ -95,3 +95,99 @@ def test_an_export_without_its_sidecar_drops_only_the_output_layer(ckpt: Path, t
     state, meta = read_export(out)
     assert meta == {}
     assert set(state) == {k for k in full if not k.startswith("out.")} and len(state) == len(full) - 2
+
+
+def test_sha256_file_hashes_every_byte(tmp_path: Path) -> None:
+    import hashlib
+
+    from asa3d.export import sha256_file
+
+    f = tmp_path / "big.bin"
+    data = bytes(range(256)) * 9000  # > 2 MiB: several read chunks
+    f.write_bytes(data)
+    assert sha256_file(f) == hashlib.sha256(data).hexdigest()
+
+
+def test_export_into_new_folders_with_its_method_in_the_safetensors_header(
+    ckpt: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    from safetensors import safe_open
+
+    out = tmp_path / "a" / "b" / "w.safetensors"  # folders that do not exist yet are made
+    export_checkpoint(ckpt, out)
+    with safe_open(str(out), "pt") as f:
+        header = f.metadata()
+    assert header == {"format": "asa3d-export/1", "method": load_checkpoint(ckpt)["method"]}
+    side = json.loads(Path(f"{out}.json").read_text())
+    assert side["keys"]["output_layer"]["init"] == "MONAI default (seed 0), not trained"
+
+
+def test_read_export_refusals_name_the_file(tmp_path: Path) -> None:
+    from asa3d.engine.checkpoint import CheckpointError
+
+    missing = tmp_path / "gone.safetensors"
+    with pytest.raises(CheckpointError) as err:
+        read_export(missing)
+    assert str(err.value) == f"export {missing} does not exist."
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x00" * 20)
+    with pytest.raises(CheckpointError) as err:
+        read_export(junk)
+    msg = str(err.value)
+    assert msg.startswith(f"{junk}: not a readable safetensors export (")
+    assert msg.endswith("); export it again with asa3d export.")
+
+
+def test_verify_strict_refuses_an_incomplete_state_naming_the_network(tmp_path: Path) -> None:
+    from asa3d.export import _verify_strict
+    from asa3d.models.backbones.resnet import resnet_spec
+
+    spec = resnet_spec(depth=10, spatial_dims=2, in_channels=1, num_classes=3, widths=(4, 8, 8, 8))
+    state = spec.build().state_dict()
+    _verify_strict(dict(state), spec, tmp_path / "w.pt")  # complete: passes
+    del state["fc.bias"]
+    with pytest.raises(ExportError) as err:
+        _verify_strict(state, spec, tmp_path / "w.pt")
+    msg = str(err.value)
+    assert msg.startswith(f"{tmp_path / 'w.pt'}: the export would not load strictly into monai.networks")
+    assert "fc.bias" in msg
+
+
+def test_sidecar_note_names_the_exported_network_and_its_head(tmp_path: Path) -> None:
+    from asa3d.export import _metadata
+    from asa3d.models.backbones.resnet import resnet_spec
+
+    spec = resnet_spec(depth=10, spatial_dims=2, in_channels=1, num_classes=3, widths=(4, 8, 8, 8))
+    src = tmp_path / "last.pt"
+    src.write_bytes(b"x")
+    meta = _metadata({"backbone": spec.to_dict(), "method": "adam"}, src)
+    assert meta["architecture"]["note"] == (
+        "fc.* is MONAI's initialisation (not trained): ResNet(**kwargs) loads the export with "
+        "strict=True; for K classes set num_classes=K and load without fc.*"
+    )
+
+
+def test_a_transfer_state_that_does_not_fit_its_network_is_refused_naming_the_checkpoint(
+    ckpt: Path,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import torch
+
+    import asa3d.export as export
+    from asa3d.engine.checkpoint import CheckpointError
+
+    real = export.rebuild_method
+
+    def faulty(ck):  # noqa: ANN001, ANN202 - a method whose transfer state has a stray key
+        method = real(ck)
+        state = method.transfer_state_dict()
+        monkeypatch.setattr(method, "transfer_state_dict", lambda: {**state, "stray.weight": torch.ones(1)})
+        return method
+
+    monkeypatch.setattr(export, "rebuild_method", faulty)
+    with pytest.raises(CheckpointError) as err:
+        export_checkpoint(ckpt, tmp_path / "w.safetensors")
+    assert str(err.value).startswith(f"{ckpt} transfer state does not load into a plain ")
+    assert "stray.weight" in str(err.value) and not (tmp_path / "w.safetensors").exists()

@@ -81,18 +81,24 @@ def rebuild_method(ckpt: dict[str, Any] | str | Path) -> Any:
     return method.eval()
 
 
+def _class_name(network: str) -> str:
+    """``monai.networks.nets.SwinUNETR`` -> ``SwinUNETR``: the name a reader calls."""
+    return network.rpartition(".")[2]
+
+
 def _metadata(ckpt: dict[str, Any], source: Path) -> dict[str, Any]:
     from asa3d.engine.checkpoint import backbone_spec
 
     spec = backbone_spec(ckpt, source)
+    cls, head = _class_name(spec.network), ", ".join(f"{h}*" for h in spec.head)
     return {
         "format": EXPORT_FORMAT,
         "backbone": spec.to_dict(),  # read back by BackboneSpec.from_dict
         "architecture": {
             "class": spec.network,
             "kwargs": dict(spec.kwargs),
-            "note": "out.* is MONAI's initialisation (not trained): SwinUNETR(**kwargs) loads the "
-            "export with strict=True; for K classes set out_channels=K and load without out.*",
+            "note": f"{head} is MONAI's initialisation (not trained): {cls}(**kwargs) loads the "
+            f"export with strict=True; for K classes set {spec.out_key}=K and load without {head}",
         },
         "preprocessing": ckpt.get("preprocessing"),
         "method": ckpt.get("method"),
@@ -238,9 +244,10 @@ def read_export(
 def _cmd_export(args: argparse.Namespace) -> int:
     out, meta = export_checkpoint(args.checkpoint, args.out, overwrite=args.overwrite)
     keys = meta["keys"]
+    cls = _class_name(meta["architecture"]["class"])
     print(
-        f"matched: {keys['exported']} SwinUNETR backbone keys; output layer {keys['output_layer']['keys']}: "
-        "MONAI's initialisation (untrained; loads strict=True into SwinUNETR(**sidecar kwargs))"
+        f"matched: {keys['exported']} {cls} backbone keys; output layer {keys['output_layer']['keys']}: "
+        f"MONAI's initialisation (untrained; loads strict=True into {cls}(**sidecar kwargs))"
     )
     print(f"wrote {out} and {_sidecar(out)}")
     return 0
