@@ -63,6 +63,7 @@ def test_export_help_names_its_input_and_output(capsys: pytest.CaptureFixture) -
     assert "--overwrite replace an existing --out and its sidecar" in text
     assert text.count("Write a pretraining checkpoint's transfer backbone (the EMA teacher for ASA)") == 1
     assert "plain MONAI network its method declares (SwinUNETR, ResNet;" in text
+    assert "the output head initialised as MONAI does) plus a JSON sidecar with the network's kwargs" in text
     assert "preprocessing contract; verified to load with strict=True. See docs/export.md." in text
     # the examples keep their own lines (a raw description formatter), one command per line
     assert "examples:\n  asa3d export runs/asa/last.pt --out asa.safetensors\n  asa3d finetune" in raw
@@ -191,3 +192,31 @@ def test_a_transfer_state_that_does_not_fit_its_network_is_refused_naming_the_ch
         export_checkpoint(ckpt, tmp_path / "w.safetensors")
     assert str(err.value).startswith(f"{ckpt} transfer state does not load into a plain ")
     assert "stray.weight" in str(err.value) and not (tmp_path / "w.safetensors").exists()
+
+
+def test_rebuild_method_names_the_checkpoint_config_it_refuses() -> None:
+    from asa3d.config import ConfigError
+    from asa3d.engine.checkpoint import FORMAT
+    from asa3d.export import rebuild_method
+
+    with pytest.raises(ConfigError, match=r"^checkpoint config: unknown key\(s\) \['bogus'\]"):
+        rebuild_method({"format": FORMAT, "config": {"bogus": 1}})
+
+
+def test_read_export_drops_the_head_its_sidecar_names(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from asa3d.models.backbones.resnet import resnet_spec
+
+    spec = resnet_spec(depth=10, spatial_dims=2, in_channels=1, num_classes=3, widths=(4, 8, 8, 8))
+    out = tmp_path / "r.safetensors"
+    save_file({k: v.contiguous() for k, v in spec.build().state_dict().items()}, str(out))
+    Path(f"{out}.json").write_text(json.dumps({"backbone": spec.to_dict()}))
+    state, _ = read_export(out)
+    assert not any(k.startswith("fc.") for k in state) and "conv1.weight" in state  # ResNet's head: fc.*
+    assert {"fc.weight", "fc.bias"} <= set(read_export(out, with_output=True)[0])
+    Path(f"{out}.json").write_text(json.dumps({"backbone": {"class": "x.Net", "kwargs": {}}}))
+    from asa3d.models.backbones import BackboneError
+
+    with pytest.raises(BackboneError, match=rf"^{out}.json: backbone class 'x.Net' is not a known backbone"):
+        read_export(out)
