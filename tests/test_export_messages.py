@@ -220,3 +220,18 @@ def test_read_export_drops_the_head_its_sidecar_names(tmp_path: Path) -> None:
 
     with pytest.raises(BackboneError, match=rf"^{out}.json: backbone class 'x.Net' is not a known backbone"):
         read_export(out)
+
+
+def test_sidecar_metadata_records_its_format_and_refuses_a_checkpoint_without_a_backbone(
+    tmp_path: Path,
+) -> None:
+    from asa3d.engine.checkpoint import CheckpointError
+    from asa3d.export import _metadata
+    from asa3d.models.backbones.resnet import resnet_spec
+
+    src = tmp_path / "last.pt"
+    src.write_bytes(b"x")
+    spec = resnet_spec(depth=10, spatial_dims=2, in_channels=1, num_classes=3, widths=(4, 8, 8, 8))
+    assert _metadata({"backbone": spec.to_dict()}, src)["format"] == "asa3d-export/1"
+    with pytest.raises(CheckpointError, match=rf"^{src}: no backbone record"):
+        _metadata({}, src)
