@@ -58,7 +58,10 @@ def test_export_help_names_its_input_and_output(capsys: pytest.CaptureFixture) -
         cli_main(["export", "--help"])
     raw = capsys.readouterr().out
     text = " ".join(raw.split())
-    assert "a pretraining checkpoint (e.g. runs/pretrain/x/last.pt)" in text
+    # whole phrases between their neighbours: nothing added before or after them
+    assert "[--overwrite] checkpoint Write a pretraining checkpoint's" in text
+    assert "See docs/export.md. positional arguments: checkpoint a pretraining checkpoint" in text
+    assert "(e.g. runs/pretrain/x/last.pt) options:" in text
     assert "--out OUT output file (.safetensors recommended; .pt also works)" in text
     assert "--overwrite replace an existing --out and its sidecar" in text
     assert text.count("Write a pretraining checkpoint's transfer backbone (the EMA teacher for ASA)") == 1
@@ -69,9 +72,8 @@ def test_export_help_names_its_input_and_output(capsys: pytest.CaptureFixture) -
     assert "examples:\n  asa3d export runs/asa/last.pt --out asa.safetensors\n  asa3d finetune" in raw
     with pytest.raises(SystemExit):
         cli_main(["--help"])
-    assert "checkpoint -> plain MONAI network weights + JSON sidecar" in " ".join(
-        capsys.readouterr().out.split()
-    )
+    verbs = " ".join(capsys.readouterr().out.split())
+    assert " export checkpoint -> plain MONAI network weights + JSON sidecar " in verbs
     with pytest.raises(SystemExit):  # --out is required
         cli_main(["export", "runs/x/last.pt"])
     assert "the following arguments are required: --out" in capsys.readouterr().err
